@@ -1,0 +1,28 @@
+"""clipfusion: training-free zero-/few-shot industrial anomaly detection (CLIP meets diffusion)."""
+
+from __future__ import annotations
+
+from clipfusion.config import CLIPFusionConfig, MapDiffConfig, PatchCLIPConfig
+from clipfusion.errors import ClipfusionError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnomalyResult",
+    "CLIPFusion",
+    "CLIPFusionConfig",
+    "ClipfusionError",
+    "MapDiffConfig",
+    "PatchCLIPConfig",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # the detector pulls in torch, open_clip and diffusers; importing the package for its config or data
+    # helpers should not pay for that
+    if name in ("CLIPFusion", "AnomalyResult"):
+        from clipfusion import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'clipfusion' has no attribute {name!r}")

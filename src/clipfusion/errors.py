@@ -1,0 +1,27 @@
+"""Errors that reach users.
+
+Every exception the CLI reports without a traceback derives from :class:`ClipfusionError`; its message is
+one line that names the file or option at fault, so that a user can act on it without reading code.
+"""
+
+from __future__ import annotations
+
+
+class ClipfusionError(Exception):
+    """Base class: an expected failure whose message is meant for the user."""
+
+
+class InputError(ClipfusionError):
+    """A file, folder or data set that cannot be used as given (missing, corrupt, wrong layout)."""
+
+
+class ConfigError(ClipfusionError):
+    """An option or preset that does not exist or does not make sense."""
+
+
+class WeightsUnavailableError(ClipfusionError):
+    """Pretrained weights were asked for but could not be found locally or downloaded."""
+
+
+class MetricError(ClipfusionError):
+    """Scores or maps that no metric can be computed from (one class only, NaN, mismatched shapes)."""

@@ -1,0 +1,44 @@
+"""The one place that turns device and dtype names into torch objects."""
+
+from __future__ import annotations
+
+import torch
+
+from clipfusion.errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, otherwise the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device (try 'cpu', 'cuda' or 'cuda:1')") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but this machine has no usable CUDA device")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype, refusing float16 on the CPU (slow and inaccurate there)."""
+    if isinstance(name, torch.dtype):
+        dtype = name
+    else:
+        if name not in _DTYPES:
+            raise ConfigError(f"dtype {name!r} is not one of float32, bfloat16, float16")
+        dtype = _DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("dtype float16 is only supported on CUDA; use bfloat16 or float32 on the CPU")
+    return dtype
