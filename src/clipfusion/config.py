@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from clipfusion.errors import ConfigError
 
@@ -75,6 +76,8 @@ class CLIPFusionConfig:
     sigma: float = 4.0
     output_size: int = 256
     score_mode: str = "terms"
+    use_clip: bool = True
+    use_diffusion: bool = True
     object_names: dict[str, str] = field(default_factory=dict)
     preset: str = "paper"
 
@@ -113,7 +116,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        known = ", ".join(sorted(names))
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {known}")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
