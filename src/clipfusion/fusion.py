@@ -26,10 +26,17 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, H, W)`` maps with reflected borders (as scipy's default 'reflect').
+def _symmetric_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    # scipy's "reflect" (half-sample symmetric: d c b a | a b c d | d c b a), valid for any radius
+    i = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    return torch.where(i < size, i, 2 * size - 1 - i)
 
-    σ = 0 returns the maps unchanged. The kernel is cut at 4σ, as ``scipy.ndimage.gaussian_filter`` does.
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, H, W)`` maps, equal to ``scipy.ndimage.gaussian_filter`` with its
+    defaults (mode "reflect", kernel cut at 4σ), so smoothed maps match what reference evaluations do.
+
+    σ = 0 returns the maps unchanged.
     """
     if sigma <= 0:
         return maps
@@ -37,11 +44,9 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = kernel.numel() // 2
     x = maps.float().unsqueeze(1)
     height, width = x.shape[-2:]
-    # reflect padding needs the pad to be smaller than the size; tiny maps fall back to replicate
-    mode = "replicate" if radius >= min(height, width) else "reflect"
-    x = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    x = x.index_select(3, _symmetric_indices(width, radius, x.device))
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, radius, radius), mode=mode)
+    x = x.index_select(2, _symmetric_indices(height, radius, x.device))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
 

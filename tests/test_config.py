@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from clipfusion.config import (
+    PRESETS,
+    CLIPFusionConfig,
+    load_config,
+    load_preset,
+    save_config,
+    with_overrides,
+)
+from clipfusion.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_and_names_itself(name):
+    config = load_preset(name)
+    assert config.preset == name
+    assert 0.0 <= config.alpha_map <= 1.0
+
+
+def test_paper_preset_has_the_paper_values():
+    config = load_preset("paper")
+    assert config.alpha_map == 0.25
+    assert config.alpha_score == 0.75
+    assert config.clip.model == "ViT-B-16-plus-240"
+    assert config.clip.pretrained == "laion400m_e31"
+    assert config.clip.temperature == 0.07
+    assert config.diffusion.model == "stabilityai/stable-diffusion-2-inpainting"
+    assert config.diffusion.timestep == 100
+    assert config.diffusion.state_words == ("damage",)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown preset 'fast'.*paper"):
+        load_preset("fast")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_round_trip_through_files(tmp_path, suffix):
+    config = load_preset("tiny").replace(**{"alpha_map": 0.4, "clip.patch_mode": "crops"})
+    path = save_config(config, tmp_path / f"cfg{suffix}")
+    assert load_config(path) == config
+
+
+def test_overrides_validate_names_and_types():
+    config = load_preset("paper")
+    assert with_overrides(config, {"diffusion.state_words": ["damage", "flaw"]}).diffusion.state_words == (
+        "damage",
+        "flaw",
+    )
+    with pytest.raises(ConfigError, match="unknown option 'clip.nope'"):
+        with_overrides(config, {"clip.nope": 1})
+    with pytest.raises(ConfigError, match="alpha_map: expected a number"):
+        with_overrides(config, {"alpha_map": "high"})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        with_overrides(config, {"diffusion.timestep": 1.5})
+
+
+def test_bad_config_files_name_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json: not valid JSON"):
+        load_config(bad)
+    unknown = tmp_path / "extra.json"
+    unknown.write_text(json.dumps({"alpha": 1}))
+    with pytest.raises(ConfigError, match="extra.json: unknown option"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="must end in .json or .toml"):
+        save_config(CLIPFusionConfig(), tmp_path / "cfg.yaml")
