@@ -1,0 +1,216 @@
+"""CLIPFusion: the detector users touch. ``fit`` learns from an object name and k normal images,
+``predict`` answers with a score, a fused anomaly map and the four component maps per image."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
+from clipfusion.errors import ConfigError
+from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
+
+ImageLike = str | Path | Image.Image
+
+
+@dataclass
+class AnomalyResult:
+    """One image's answer. ``maps`` holds ``clip_L``, ``clip_V``, ``diff_L``, ``diff_V`` after smoothing,
+    at the output size; in zero-shot mode the two visual maps are zero, as in the paper's fusion."""
+
+    score: float
+    anomaly_map: np.ndarray
+    maps: dict[str, np.ndarray]
+    image_path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def mask(self, threshold: float) -> np.ndarray:
+        """Binary anomaly mask: pixels whose fused value exceeds ``threshold`` (same scale as the map)."""
+        return self.anomaly_map > threshold
+
+
+def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
+    from clipfusion.data import load_image
+
+    if isinstance(item, Image.Image):
+        return item.convert("RGB"), None
+    return load_image(item), str(item)
+
+
+class CLIPFusion:
+    """The fused detector. Either branch can be injected (tests, benchmarks, other weights); otherwise each
+    is built from its section of the configuration.
+
+    ``config.use_clip`` / ``config.use_diffusion`` switch a branch off entirely (ablations, or CLIP-only runs
+    on small machines); a switched-off branch contributes zero maps.
+    """
+
+    def __init__(
+        self,
+        config: CLIPFusionConfig | None = None,
+        clip: Any | None = None,
+        diffusion: Any | None = None,
+    ) -> None:
+        self.config = config or load_preset("paper")
+        validate_config(self.config)
+        self.clip = clip
+        self.diffusion = diffusion
+        if self.clip is None and self.config.use_clip:
+            from clipfusion.branches.patchclip import PatchCLIP
+
+            self.clip = PatchCLIP.from_config(self.config.clip)
+        if self.diffusion is None and self.config.use_diffusion:
+            from clipfusion.branches.mapdiff import MapDiff
+
+            self.diffusion = MapDiff.from_config(self.config.diffusion)
+        self.object_name: str | None = None
+        self.references: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "paper", **overrides: Any) -> CLIPFusion:
+        """A preset (``paper``, ``tiny``, ``random-full``) with keyword overrides of any option; branch
+        options use double underscores or dots: ``from_preset("tiny", clip__patch_mode="crops")``."""
+        config = load_preset(name)
+        if overrides:
+            config = with_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
+        return cls(config)
+
+    @classmethod
+    def from_config_file(cls, path: str | Path) -> CLIPFusion:
+        return cls(load_config(path))
+
+    def save_config(self, path: str | Path) -> Path:
+        return save_config(self.config, path)
+
+    # -- fit / predict ------------------------------------------------------------------------------------
+    @property
+    def shots(self) -> int:
+        return len(self.references)
+
+    def fit(self, object_name: str, references: Iterable[ImageLike] | None = None) -> CLIPFusion:
+        """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
+        images; empty or None → zero-shot)."""
+        from clipfusion.data import object_name as to_object_name
+
+        name = to_object_name(object_name, self.config.object_names)
+        loaded = [_as_image(r) for r in (references or [])]
+        images = [img for img, _ in loaded]
+        start = time.perf_counter()
+        for branch in self._branches():
+            branch.fit(name, images)
+        self.timings["fit"] = time.perf_counter() - start
+        self.object_name = name
+        self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
+        return self
+
+    def predict(
+        self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
+    ) -> list[AnomalyResult]:
+        """Score images (paths or PIL images), ``batch_size`` at a time (default: the branches' own)."""
+        if self.object_name is None:
+            raise RuntimeError("call fit(object_name, references) before predict")
+        if isinstance(images, str | Path | Image.Image):
+            images = [images]
+        batch_size = batch_size or max(1, min(self._branch_batch_sizes()))
+        results: list[AnomalyResult] = []
+        bar = _progress(len(images), "predict", progress)
+        config_dict = self.config.to_dict()
+        for start in range(0, len(images), batch_size):
+            chunk = [_as_image(item) for item in images[start : start + batch_size]]
+            outputs = self.predict_tensors([img for img, _ in chunk])
+            for i, (_, path) in enumerate(chunk):
+                results.append(
+                    AnomalyResult(
+                        score=float(outputs["score"][i]),
+                        anomaly_map=outputs["anomaly_map"][i].numpy().astype(np.float32, copy=False),
+                        maps={k: outputs[k][i].numpy().astype(np.float32, copy=False) for k in MAP_NAMES},
+                        image_path=path,
+                        config=config_dict,
+                    )
+                )
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def predict_tensors(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """One batch through both branches and the fusion; tensors on the CPU, float32."""
+        cfg = self.config
+        outputs: dict[str, torch.Tensor] = {}
+        for branch in self._branches():
+            start = time.perf_counter()
+            outputs.update({k: v.detach().float().cpu() for k, v in branch.predict(images).items()})
+            key = "clip" if branch is self.clip else "diffusion"
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        anomaly_map, score, smoothed = fuse(
+            {k: outputs.get(k) for k in MAP_NAMES},
+            outputs.get("s_clip_L"),
+            alpha_map=cfg.alpha_map,
+            alpha_score=cfg.alpha_score,
+            sigma=cfg.sigma,
+            output_size=cfg.output_size,
+            score_mode=cfg.score_mode,
+        )
+        self.timings["fusion"] = self.timings.get("fusion", 0.0) + time.perf_counter() - start
+        n = anomaly_map.shape[0]
+        zeros = torch.zeros(n, cfg.output_size, cfg.output_size)
+        result = {name: smoothed.get(name, zeros) for name in MAP_NAMES}
+        result.update(anomaly_map=anomaly_map, score=score)
+        if "s_clip_L" in outputs:
+            result["s_clip_L"] = outputs["s_clip_L"]
+        return result
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _branches(self) -> list[Any]:
+        return [b for b in (self.clip, self.diffusion) if b is not None]
+
+    def _branch_batch_sizes(self) -> list[int]:
+        sizes = [b.config.batch_size for b in self._branches() if hasattr(b, "config")]
+        return sizes or [8]
+
+
+def validate_config(config: CLIPFusionConfig) -> None:
+    """Refuse values that would silently give wrong maps, before any model is loaded."""
+    problems = []
+    for name in ("alpha_map", "alpha_score"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{name} must lie in [0, 1], got {value}")
+    if config.sigma < 0:
+        problems.append(f"sigma must be >= 0, got {config.sigma}")
+    if config.output_size < 8:
+        problems.append(f"output_size must be at least 8, got {config.output_size}")
+    if config.score_mode not in SCORE_MODES:
+        problems.append(f"score_mode must be one of {', '.join(SCORE_MODES)}, got {config.score_mode!r}")
+    if not (config.use_clip or config.use_diffusion):
+        problems.append("use_clip and use_diffusion are both false: nothing would be computed")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+__all__ = ["AnomalyResult", "CLIPFusion"]

@@ -1,0 +1,141 @@
+"""Visual output: heat-map overlays, binary masks, and a self-contained HTML report sorted by score."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clipfusion.io_utils import atomic_write_bytes, atomic_write_text
+
+NORMALISATIONS = ("set", "image")
+
+# piecewise-linear "jet": blue (normal) → cyan → yellow → red (anomalous), the colour code of this field
+_JET_STOPS = np.array(
+    [
+        [0.0, 0.0, 0.0, 0.5],
+        [0.11, 0.0, 0.0, 1.0],
+        [0.34, 0.0, 1.0, 1.0],
+        [0.65, 1.0, 1.0, 0.0],
+        [0.89, 1.0, 0.0, 0.0],
+        [1.0, 0.5, 0.0, 0.0],
+    ]
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → uint8 RGB (..., 3) through the jet colour map."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
+    rgb = np.stack([np.interp(v, _JET_STOPS[:, 0], _JET_STOPS[:, c]) for c in (1, 2, 3)], axis=-1)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def normalise(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    span = vmax - vmin
+    if span <= 0:
+        return np.zeros_like(anomaly_map, dtype=np.float32)
+    return ((anomaly_map - vmin) / span).astype(np.float32)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.5) -> Image.Image:
+    """Blend a normalised heat map (any size, values in [0, 1]) over the image at the image's size."""
+    colour = Image.fromarray(colormap(heat)).resize(image.size, Image.Resampling.BILINEAR)
+    return Image.blend(image.convert("RGB"), colour, opacity)
+
+
+def mask_image(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A binary mask as a 0/255 PNG at the image's size (nearest, so it stays binary)."""
+    return Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_npy(array: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array.astype(np.float32, copy=False))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def thumbnail_data_uri(image: Image.Image, size: int = 224) -> str:
+    """A small JPEG embedded in the page, so the report is one file that can be mailed around."""
+    thumb = image.convert("RGB").copy()
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class ReportEntry:
+    name: str
+    score: float
+    thumbnail: str
+    overlay_href: str | None = None
+    decision: str | None = None
+    label: str | None = None
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
+h1{font-size:1.4em;margin-bottom:4px}.meta{color:#555;font-size:.9em}
+.banner{background:#fff3cd;border:2px solid #d39e00;padding:10px 14px;margin:12px 0;font-weight:600}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:14px;margin-top:16px}
+.card{border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
+.card img{width:100%;border-radius:4px;display:block}
+.card .name{font-size:.8em;word-break:break-all;color:#333;margin-top:4px}
+.score{font-weight:700}.anomalous{color:#b00020}.normal{color:#1b7f3b}
+table{border-collapse:collapse;margin-top:8px;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px}
+"""
+
+
+def html_report(
+    entries: Sequence[ReportEntry],
+    *,
+    title: str,
+    subtitle: str = "",
+    banner: str = "",
+    details: dict[str, str] | None = None,
+) -> str:
+    """Cards sorted by descending score; a banner (e.g. "random weights") is shown above everything."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f"<div class='meta'>{esc(subtitle)}</div>")
+    if banner:
+        parts.append(f"<div class='banner'>{esc(banner)}</div>")
+    if details:
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in details.items())
+        parts.append(f"<table>{rows}</table>")
+    parts.append("<div class='grid'>")
+    for rank, entry in enumerate(sorted(entries, key=lambda e: -e.score), 1):
+        img = f"<img src='{entry.thumbnail}' alt='{esc(entry.name)}'>"
+        if entry.overlay_href:
+            img = f"<a href='{esc(entry.overlay_href)}'>{img}</a>"
+        decision = ""
+        if entry.decision:
+            decision = f" <span class='{esc(entry.decision)}'>{esc(entry.decision)}</span>"
+        label = f" · truth: {esc(entry.label)}" if entry.label else ""
+        parts.append(
+            f"<div class='card'>{img}<div>#{rank} <span class='score'>{entry.score:.4f}</span>{decision}"
+            f"{label}</div><div class='name'>{esc(entry.name)}</div></div>"
+        )
+    parts.append("</div></body></html>")
+    return "\n".join(parts)
+
+
+def write_html(path: Path, text: str) -> None:
+    atomic_write_text(path, text)

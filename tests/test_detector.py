@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipfusion.config import load_preset
+from clipfusion.detector import AnomalyResult, CLIPFusion
+from clipfusion.errors import ConfigError
+from clipfusion.fusion import fuse
+from fakes import FakeBranch, fake_detector
+
+
+def _images(n, seed=0, size=48):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_zero_shot_result_has_four_maps_with_zero_visual_terms():
+    det = fake_detector().fit("metal_nut")
+    assert det.object_name == "metal nut"
+    [result] = det.predict(_images(1))
+    assert isinstance(result, AnomalyResult)
+    assert set(result.maps) == {"clip_L", "clip_V", "diff_L", "diff_V"}
+    assert result.anomaly_map.shape == (32, 32) and result.anomaly_map.dtype == np.float32
+    assert not result.maps["clip_V"].any() and not result.maps["diff_V"].any()
+    assert result.maps["clip_L"].any()
+    assert result.config["preset"] == "tiny"
+
+
+def test_fused_map_and_score_follow_the_fusion_of_the_branch_outputs():
+    det = fake_detector().fit("bottle", _images(2, seed=1))
+    images = _images(3, seed=2)
+    results = det.predict(images)
+    raw = {**det.clip.predict(images), **det.diffusion.predict(images)}
+    cfg = det.config
+    expected_map, expected_score, _ = fuse(
+        {k: raw[k] for k in ("clip_L", "clip_V", "diff_L", "diff_V")},
+        raw["s_clip_L"],
+        alpha_map=cfg.alpha_map,
+        alpha_score=cfg.alpha_score,
+        sigma=cfg.sigma,
+        output_size=cfg.output_size,
+    )
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result.anomaly_map, expected_map[i].numpy(), atol=1e-6)
+        assert result.score == pytest.approx(float(expected_score[i]), abs=1e-6)
+        assert result.maps["clip_V"].any()
+
+
+def test_batching_does_not_change_results_and_is_respected():
+    det = fake_detector().fit("bottle", _images(1, seed=3))
+    images = _images(5, seed=4)
+    one = det.predict(images, batch_size=1)
+    det.clip.batches.clear()
+    all_at_once = det.predict(images, batch_size=5)
+    assert det.clip.batches == [5]
+    for a, b in zip(one, all_at_once, strict=True):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+
+
+def test_paths_and_pil_images_give_the_same_answer(tmp_path):
+    images = _images(2, seed=5)
+    paths = []
+    for i, img in enumerate(images):
+        img.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    det = fake_detector().fit("bottle", [paths[0]])
+    assert det.references == [str(paths[0])]
+    from_paths = det.predict(paths)
+    from_pil = det.predict(images)
+    assert from_paths[0].image_path == str(paths[0]) and from_pil[0].image_path is None
+    np.testing.assert_allclose(from_paths[1].anomaly_map, from_pil[1].anomaly_map)
+
+
+def test_predict_before_fit_is_an_error():
+    with pytest.raises(RuntimeError, match="fit"):
+        fake_detector().predict(_images(1))
+
+
+def test_switching_a_branch_off_leaves_its_maps_zero():
+    config = load_preset("tiny").replace(output_size=32, use_diffusion=False)
+    det = CLIPFusion(config, clip=FakeBranch("clip"))
+    assert det.diffusion is None
+    [result] = det.fit("bottle").predict(_images(1))
+    assert not result.maps["diff_L"].any()
+    expected = config.alpha_map * result.maps["clip_L"]
+    np.testing.assert_allclose(result.anomaly_map, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"alpha_map": 1.5}, "alpha_map must lie in"),
+        ({"sigma": -1.0}, "sigma must be"),
+        ({"score_mode": "mean"}, "score_mode must be one of"),
+        ({"use_clip": False, "use_diffusion": False}, "nothing would be computed"),
+    ],
+)
+def test_invalid_fusion_options_are_refused_before_loading(overrides, message):
+    config = load_preset("tiny").replace(**overrides)
+    with pytest.raises(ConfigError, match=message):
+        CLIPFusion(config, clip=FakeBranch("clip"), diffusion=FakeBranch("diffusion"))
+
+
+def test_from_preset_accepts_branch_overrides_with_double_underscores(monkeypatch):
+    built = {}
+
+    class Recorder:
+        @classmethod
+        def from_config(cls, cfg):
+            built["clip"] = cfg
+            return FakeBranch("clip")
+
+    monkeypatch.setattr("clipfusion.branches.patchclip.PatchCLIP", Recorder, raising=False)
+    det = CLIPFusion.from_preset("tiny", clip__patch_mode="crops", use_diffusion=False, alpha_map=0.5)
+    assert built["clip"].patch_mode == "crops"
+    assert det.config.alpha_map == 0.5
+
+
+def test_mask_thresholds_the_fused_map():
+    result = AnomalyResult(score=0.5, anomaly_map=np.array([[0.1, 0.9]], dtype=np.float32), maps={})
+    assert result.mask(0.5).tolist() == [[False, True]]
+    assert torch.is_tensor(torch.as_tensor(result.anomaly_map))
