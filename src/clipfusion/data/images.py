@@ -1,0 +1,165 @@
+"""Reading images and ground-truth masks the same way whatever camera or tool wrote them.
+
+Benchmarks and users' folders mix 8- and 16-bit, grayscale, palette, alpha, CMYK and EXIF-rotated files.
+Everything downstream expects an RGB image in the orientation a person sees, so the normalisation happens
+once, here. A file that cannot be used raises :class:`InputError` with the one line ``"<path>: <problem>"``
+instead of a Pillow traceback deep inside a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipfusion.errors import ConfigError, InputError
+
+
+def _fail(path: Path, problem: str) -> InputError:
+    one_line = " ".join(str(problem).split())
+    return InputError(f"{path}: {one_line}")
+
+
+def _open_fully(path: str | Path) -> Image.Image:
+    """Open and decode the whole file, so truncation or corruption surfaces here and not mid-batch.
+
+    Pillow's decompression-bomb protection stays on with its own limit (``Image.MAX_IMAGE_PIXELS``, about
+    89 megapixels warns, twice that fails); a file over it is reported as an :class:`InputError`. Benchmark
+    images are around one megapixel, so a legitimate file never comes close.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "file not found")
+    if path.is_dir():
+        raise _fail(path, "is a folder, not an image file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _fail(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise _fail(path, "empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError as exc:
+        raise _fail(path, "not an image file Pillow can read (unknown or corrupt format)") from exc
+    except Image.DecompressionBombError as exc:
+        raise _fail(path, f"image too large, refused as a possible decompression bomb ({exc})") from exc
+    except OSError as exc:
+        raise _fail(path, f"cannot open image ({exc.strerror or exc})") from exc
+    try:
+        image.load()
+        # EXIF orientation: cameras store the sensor's pixels and a rotation flag; people (and masks drawn
+        # by people) see the rotated image.
+        transposed = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        image.close()
+        raise _fail(path, f"image too large, refused as a possible decompression bomb ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        image.close()
+        raise _fail(path, f"truncated or corrupt image data ({exc})") from exc
+    except Exception as exc:  # Pillow plugins raise arbitrary errors on malformed data
+        image.close()
+        raise _fail(path, f"corrupt image data ({type(exc).__name__}: {exc})") from exc
+    if transposed is not image:
+        image.close()
+    return transposed
+
+
+def _to_uint8(values: np.ndarray, *, full_scale: float | None) -> np.ndarray:
+    """Map high-bit-depth values to 0..255 by scaling, never by clipping (Pillow's own ``convert`` clips)."""
+    values = values.astype(np.float64)
+    if full_scale is not None:
+        scaled = values * (255.0 / full_scale)
+    else:
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _high_bit_depth_gray_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale → 8-bit grayscale.
+
+    ``I;16*`` is scaled by 255/65535. ``I`` (32-bit integers, which is how many readers store 16-bit data)
+    is treated as 16-bit when its values lie in 0..65535, otherwise min–max normalised. ``F`` is taken as
+    0..1 when its values lie there, otherwise min–max normalised.
+    """
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(_to_uint8(values, full_scale=65535.0))
+    if image.mode == "I":
+        in_16_bit = values.size == 0 or (values.min() >= 0 and values.max() <= 65535)
+        return Image.fromarray(_to_uint8(values, full_scale=65535.0 if in_16_bit else None))
+    finite = values[np.isfinite(values)]
+    in_unit = finite.size == 0 or (finite.min() >= 0.0 and finite.max() <= 1.0)
+    return Image.fromarray(_to_uint8(values, full_scale=1.0 if in_unit else None))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image as an 8-bit RGB PIL image, upright.
+
+    - Grayscale (``1``, ``L``, 16-bit ``I;16``, 32-bit ``I``, float ``F``) is replicated into three channels;
+      high bit depths are scaled to 8 bits, not clipped.
+    - 16-bit RGB files are reduced to their high byte by Pillow when it decodes them (a proper scaling).
+    - Palette images are expanded through their palette.
+    - Alpha (``LA``, ``RGBA``, ``PA``, transparent palettes) is dropped, not composited: the colour channels
+      hold what the camera saw, and compositing would paint transparent regions a colour no reference has.
+    - CMYK, YCbCr and other colour modes go through Pillow's conversion to RGB.
+    - EXIF orientation is applied (``ImageOps.exif_transpose``).
+
+    Raises :class:`InputError` ``"<path>: <problem>"`` for a missing, empty, truncated, corrupt, non-image or
+    absurdly large file (Pillow's decompression-bomb limit stays on).
+    """
+    path = Path(path)
+    image = _open_fully(path)
+    try:
+        mode = image.mode
+        if mode == "RGB":
+            return image
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            return _high_bit_depth_gray_to_l(image).convert("RGB")
+        if mode in ("P", "PA"):
+            return image.convert("RGBA").convert("RGB")
+        if mode in ("LA", "La"):
+            return image.convert("L").convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise _fail(path, f"cannot convert image mode {image.mode} to RGB ({exc})") from exc
+
+
+def _is_width_height(size: object) -> bool:
+    return (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
+    )
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as a boolean array of shape (H, W): anomalous wherever the file is non-zero.
+
+    Non-zero, not 255: VisA masks hold small integer region labels (1, 2, ...), and a threshold at 128 would
+    silently drop them. Palette masks are read by palette *index* (index 0 = normal), the usual convention
+    for label images. Colour masks are anomalous where any colour channel is non-zero; alpha is ignored.
+    ``size=(W, H)`` resizes with nearest neighbour so that no new label values (or half-anomalous pixels)
+    appear. Errors as in :func:`load_image`.
+    """
+    path = Path(path)
+    if size is not None and not _is_width_height(size):
+        raise ConfigError(f"mask size must be (width, height) with positive integers; got {size!r}")
+    image = _open_fully(path)
+    values = np.asarray(image)
+    if values.ndim == 3:
+        n_colour = (
+            3 if image.mode in ("RGBA", "RGBa", "RGBX") else (1 if image.mode in ("LA", "La", "PA") else None)
+        )
+        values = values[..., :n_colour] if n_colour is not None else values
+        mask = np.any(values != 0, axis=-1)
+    else:
+        mask = values != 0
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(size), Image.Resampling.NEAREST)
+        mask = np.asarray(resized) != 0
+    return np.ascontiguousarray(mask, dtype=bool)
