@@ -27,6 +27,7 @@ Read it with ``FolderDataset(root / category, split)``.
 from __future__ import annotations
 
 import io
+import os
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from clipfusion.errors import ConfigError
-from clipfusion.io_utils import atomic_write_bytes
 
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("woven_fabric", "grainy_leather", "bottle_cap", "metal_plate")
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "hole", "stain", "missing")
@@ -353,7 +353,8 @@ def _photograph(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     gain = (1.0 + rng.uniform(-0.05, 0.05)) * (1.0 + rng.uniform(-0.02, 0.02, 3)).astype(np.float32)
     direction = rng.uniform(0, 2 * np.pi)
     shading = 1.0 + 0.04 * ((xx - size / 2) * np.cos(direction) + (yy - size / 2) * np.sin(direction)) / size
-    noisy = image * gain * shading[..., None] + rng.normal(0.0, 2.0, image.shape).astype(np.float32)
+    noise = 2.0 * rng.standard_normal(image.shape, dtype=np.float32)
+    noisy = image * gain * shading[..., None] + noise
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
@@ -382,6 +383,18 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write beside the target, then rename: an interrupted run never leaves a half-written PNG.
+
+    No fsync (unlike ``io_utils.atomic_write_bytes``): the data set is regenerated in a second from its
+    seed, and a hundred fsyncs would double the generation time of the test fixture.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _rng(seed: int, category: str, split: str, index: int) -> np.random.Generator:
@@ -431,7 +444,7 @@ def make_synthetic_dataset(
         style, folder = _STYLES[category], root / category
         for i in range(n_train):
             image, _ = _make_image(style, _rng(seed, category, "train", i), size, None)
-            atomic_write_bytes(folder / "train" / "good" / f"{i:03d}.png", _png(image))
+            _write(folder / "train" / "good" / f"{i:03d}.png", _png(image))
         n_good = n_test // 2
         per_defect: dict[str, int] = {}
         for i in range(n_test):
@@ -440,8 +453,8 @@ def make_synthetic_dataset(
             name = defect or "good"
             index = per_defect.get(name, 0)
             per_defect[name] = index + 1
-            atomic_write_bytes(folder / "test" / name / f"{index:03d}.png", _png(image))
+            _write(folder / "test" / name / f"{index:03d}.png", _png(image))
             if defect is not None:
                 mask_png = _png(mask.astype(np.uint8) * 255)
-                atomic_write_bytes(folder / "ground_truth" / name / f"{index:03d}_mask.png", mask_png)
+                _write(folder / "ground_truth" / name / f"{index:03d}_mask.png", mask_png)
     return root
