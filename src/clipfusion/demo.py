@@ -17,7 +17,7 @@ from pathlib import Path
 from clipfusion.config import load_preset
 from clipfusion.errors import WeightsUnavailableError
 
-DEMO_CATEGORIES = ("weave", "disc")
+DEMO_CATEGORIES = ("woven_fabric", "bottle_cap")
 
 
 def _say(text: str = "") -> None:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     categories = [c for c in DEMO_CATEGORIES if c in SYNTHETIC_CATEGORIES] or list(SYNTHETIC_CATEGORIES[:2])
     data = out / "data"
     _say(f"1/4 writing a synthetic data set ({', '.join(categories)}) to {data}")
-    make_synthetic_dataset(data, categories=categories, n_train=4, n_test=8, image_size=128, seed=0)
+    make_synthetic_dataset(data, categories=categories, n_train=4, n_test=10, image_size=128, seed=0)
 
     _say("2/4 loading models")
     detector, why = load_detector(getattr(args, "weights", None))

@@ -256,7 +256,7 @@ def evaluate(
     The data set is checked before any model is loaded: every category's train and test split opens
     and every k is available, so a bad ``--root`` fails in seconds, not after the first category.
     """
-    from clipfusion.data import load_mask, object_name, sample_references
+    from clipfusion.data import load_mask, sample_references
     from clipfusion.metrics import image_metrics, pixel_metrics
 
     names = dataset_categories(kind, root, categories)
@@ -301,7 +301,7 @@ def evaluate(
         )
         refs = sample_references(list(train), key.shots, key.seed)
         start = time.perf_counter()
-        detector.fit(object_name(key.category, config.object_names), [r.image_path for r in refs])
+        detector.fit(key.category, [r.image_path for r in refs])
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         results = detector.predict([s.image_path for s in test], batch_size=batch_size, progress=progress)
