@@ -258,6 +258,43 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- weights --
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from clipfusion.models import weights
+
+    if args.action == "verify":
+        problems = weights.verify(args.folder)
+        for line in problems:
+            _err(line)
+        if problems:
+            return EXIT_USAGE
+        manifest = weights.read_manifest(args.folder) or {}
+        total = sum(f["size"] for f in manifest.get("files", []))
+        print(f"{args.folder}: {len(manifest.get('files', []))} files, {total / 1e9:.2f} GB, all intact")
+        return EXIT_OK
+    config = build_config(args)
+    if args.action == "where":
+        print("\n".join(weights.describe(config, args.weights)))
+        return EXIT_OK
+    sources = weights.sources_for(
+        config, clip_repo=args.clip_repo, clip_revision=args.clip_revision, variant=args.variant
+    )
+    if args.sd_repo or args.sd_revision:
+        from dataclasses import replace
+
+        sd = sources[1]
+        sources[1] = replace(sd, repo_id=args.sd_repo or sd.repo_id, revision=args.sd_revision or sd.revision)
+    print(f"fetching into {args.to}:", file=sys.stderr)
+    for source in sources:
+        print(f"  {source.component}: {source.repo_id}@{source.revision}", file=sys.stderr)
+    manifest = weights.fetch(args.to, sources, log=lambda m: print(m, file=sys.stderr))
+    total = sum(f["size"] for f in manifest["files"])
+    print(f"done: {len(manifest['files'])} files, {total / 1e9:.2f} GB; use it with --weights {args.to}")
+    return EXIT_OK
+
+
 # -- parser --
 
 
@@ -306,6 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="a weights directory with the pretrained models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=lambda a: __import__("clipfusion.demo", fromlist=["run"]).run(a))
+
+    p = sub.add_parser("weights", help="fetch, verify or locate the pretrained weights (offline use)")
+    wsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    w = wsub.add_parser(
+        "fetch", help="download everything the preset needs into one folder (connected machine)"
+    )
+    w.add_argument("--to", required=True, type=Path, help="the weights folder to create or complete")
+    w.add_argument("--variant", help="weight variant, e.g. fp16 (half the download for the SD components)")
+    w.add_argument("--clip-repo", help="hub repository of the OpenCLIP weights (default: open_clip's own)")
+    w.add_argument("--clip-revision", default="main", help="revision of the OpenCLIP repository")
+    w.add_argument("--sd-repo", help="hub repository of SD-2-inpainting (default: the configuration's)")
+    w.add_argument("--sd-revision", help="revision of the SD-2-inpainting repository")
+    add_model_options(w)
+    w.set_defaults(func=cmd_weights)
+    w = wsub.add_parser("verify", help="check a weights folder against its manifest")
+    w.add_argument("folder", type=Path)
+    w.set_defaults(func=cmd_weights)
+    w = wsub.add_parser("where", help="say which weights would be used, and from where")
+    add_model_options(w)
+    w.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("config", help="print the effective configuration, or save it with --save")
     p.add_argument("--save", type=Path, help="write it to this .json or .toml file")

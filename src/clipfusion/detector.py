@@ -62,14 +62,22 @@ class CLIPFusion:
         validate_config(self.config)
         self.clip = clip
         self.diffusion = diffusion
-        if self.clip is None and self.config.use_clip:
-            from clipfusion.branches.patchclip import PatchCLIP
+        if (self.clip is None and self.config.use_clip) or (
+            self.diffusion is None and self.config.use_diffusion
+        ):
+            from clipfusion.models.weights import apply_weights_dir
 
-            self.clip = PatchCLIP.from_config(self.config.clip)
-        if self.diffusion is None and self.config.use_diffusion:
-            from clipfusion.branches.mapdiff import MapDiff
+            # a weights folder ($CLIPFUSION_WEIGHTS / --weights) replaces hub ids by local paths for loading
+            # only; self.config keeps the portable names that results record
+            local = apply_weights_dir(self.config)
+            if self.clip is None and self.config.use_clip:
+                from clipfusion.branches.patchclip import PatchCLIP
 
-            self.diffusion = MapDiff.from_config(self.config.diffusion)
+                self.clip = PatchCLIP.from_config(local.clip)
+            if self.diffusion is None and self.config.use_diffusion:
+                from clipfusion.branches.mapdiff import MapDiff
+
+                self.diffusion = MapDiff.from_config(local.diffusion)
         self.object_name: str | None = None
         self.references: list[str] = []
         self.timings: dict[str, float] = {}

@@ -1,0 +1,327 @@
+"""Weights for offline machines: one self-contained folder with everything the ``paper`` preset needs.
+
+Layout of a weights folder (made by ``clipfusion weights fetch --to DIR`` on a connected machine)::
+
+    DIR/manifest.json                 files, sizes, sha256, source repositories and resolved revisions
+    DIR/open_clip/<arch>/<tag>/       the OpenCLIP checkpoint (safetensors) and its open_clip_config.json
+    DIR/sd2-inpainting/               the diffusers-format SD-2-inpainting components (no safety checker)
+
+With ``--weights DIR`` or ``CLIPFUSION_WEIGHTS=DIR``, :func:`apply_weights_dir` points the configuration at
+these local paths and the hub is switched off, so nothing is looked up on the network.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from clipfusion.config import CLIPFusionConfig
+from clipfusion.errors import ClipfusionError, InputError, WeightsUnavailableError
+from clipfusion.io_utils import atomic_write_text
+
+WEIGHTS_ENV = "CLIPFUSION_WEIGHTS"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+SD_SUBDIR = "sd2-inpainting"
+
+# what the MapDiff branch loads; the safety checker and feature extractor of the pipeline are not needed
+SD_PATTERNS = (
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model{variant}.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model{variant}.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model{variant}.safetensors",
+)
+CLIP_PATTERNS = ("open_clip_config.json", "open_clip_model.safetensors")
+
+
+class Hub(Protocol):
+    """Where files come from: the Hugging Face hub, a mirror, or a stand-in in tests."""
+
+    def resolve(self, repo_id: str, revision: str) -> str: ...
+
+    def list_files(self, repo_id: str, revision: str) -> list[str]: ...
+
+    def download(self, repo_id: str, filename: str, revision: str, local_dir: Path) -> Path: ...
+
+
+class HuggingFaceHub:
+    """The real hub (or the mirror named by ``HF_ENDPOINT``); downloads resume where they stopped."""
+
+    def resolve(self, repo_id: str, revision: str) -> str:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision).sha or revision
+
+    def list_files(self, repo_id: str, revision: str) -> list[str]:
+        from huggingface_hub import list_repo_files
+
+        return list_repo_files(repo_id, revision=revision)
+
+    def download(self, repo_id: str, filename: str, revision: str, local_dir: Path) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One repository to fetch: which files, and where they go inside the weights folder."""
+
+    component: str
+    repo_id: str
+    revision: str
+    patterns: tuple[str, ...]
+    subdir: str
+
+
+def clip_subdir(model: str, tag: str) -> str:
+    return f"open_clip/{model}/{tag}"
+
+
+def clip_hub_repo(model: str, tag: str) -> str:
+    """The hub repository open_clip itself uses for (architecture, tag)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    if not hub:
+        raise WeightsUnavailableError(
+            f"open_clip knows no hub repository for {model}/{tag}; give --clip-repo explicitly"
+        )
+    return hub
+
+
+def sources_for(
+    config: CLIPFusionConfig,
+    *,
+    clip_repo: str | None = None,
+    clip_revision: str = "main",
+    variant: str | None = None,
+) -> list[Source]:
+    """The repositories the configuration needs; ids and revisions overridable for mirrors."""
+    suffix = f".{variant}" if variant else ""
+    clip = config.clip
+    return [
+        Source(
+            "clip",
+            clip_repo or clip_hub_repo(clip.model, clip.pretrained),
+            clip_revision,
+            CLIP_PATTERNS,
+            clip_subdir(clip.model, clip.pretrained),
+        ),
+        Source(
+            "diffusion",
+            config.diffusion.model,
+            config.diffusion.revision,
+            tuple(p.format(variant=suffix) for p in SD_PATTERNS),
+            SD_SUBDIR,
+        ),
+    ]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _matching(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    patterns = list(patterns)
+    return sorted(f for f in files if any(fnmatch.fnmatchcase(f, p) for p in patterns))
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: not a clipfusion weights manifest (format {MANIFEST_FORMAT})")
+    return data
+
+
+def fetch(
+    dest: str | Path,
+    sources: list[Source],
+    *,
+    hub: Hub | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Download every file of ``sources`` into ``dest`` and write the manifest.
+
+    The manifest is rewritten after each file with ``"complete": false`` until the last one, so an
+    interrupted fetch is recognisable, and a second fetch skips files whose size and sha256 already match.
+    """
+    hub = hub or HuggingFaceHub()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    previous = read_manifest(dest) or {}
+    known = {f["path"]: f for f in previous.get("files", [])}
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": False,
+        "sources": [],
+        "files": [],
+    }
+    for source in sources:
+        try:
+            commit = hub.resolve(source.repo_id, source.revision)
+            names = _matching(hub.list_files(source.repo_id, commit), source.patterns)
+        except Exception as exc:  # network and hub errors come in many types
+            raise WeightsUnavailableError(
+                f"{source.repo_id}@{source.revision}: cannot list the repository ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+            ) from exc
+        missing = [p for p in source.patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if missing:
+            raise WeightsUnavailableError(
+                f"{source.repo_id}@{commit}: no file matches {', '.join(missing)} "
+                "(wrong repository or variant?)"
+            )
+        manifest["sources"].append(
+            {
+                "component": source.component,
+                "repo_id": source.repo_id,
+                "revision": source.revision,
+                "commit": commit,
+                "subdir": source.subdir,
+            }
+        )
+        for name in names:
+            rel = f"{source.subdir}/{name}"
+            target = dest / rel
+            entry = known.get(rel)
+            intact = entry and target.exists() and target.stat().st_size == entry["size"]
+            if intact and sha256_file(target) == entry["sha256"]:
+                log(f"  have {rel}")
+                manifest["files"].append(entry)
+                continue
+            log(f"  fetch {source.repo_id}/{name}")
+            path = hub.download(source.repo_id, name, commit, dest / source.subdir)
+            manifest["files"].append(
+                {
+                    "path": rel,
+                    "size": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                    "repo_id": source.repo_id,
+                }
+            )
+            atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    manifest["complete"] = True
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Problems with a weights folder, one line each (empty when every file is there and intact)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: not a folder"]
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [f"{folder}: no {MANIFEST}; make the folder with `clipfusion weights fetch --to {folder}`"]
+    problems = []
+    if not manifest.get("complete"):
+        problems.append(f"{folder}: the fetch that made this folder did not finish; run it again to resume")
+    for entry in manifest.get("files", []):
+        path = folder / entry["path"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: size {path.stat().st_size}, expected {entry['size']} (truncated?)")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+    return problems
+
+
+def weights_dir_from_env() -> Path | None:
+    value = os.environ.get(WEIGHTS_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None = None) -> CLIPFusionConfig:
+    """Point the pretrained parts of ``config`` at a weights folder (``folder`` or ``$CLIPFUSION_WEIGHTS``)
+    and switch the hub off. Random-weight branches are left as they are."""
+    folder = Path(folder) if folder is not None else weights_dir_from_env()
+    if folder is None:
+        return config
+    if not folder.is_dir():
+        raise WeightsUnavailableError(
+            f"{folder}: weights folder does not exist (from --weights or {WEIGHTS_ENV})"
+        )
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    clip, diffusion = config.clip, config.diffusion
+    if clip.pretrained != "random" and not Path(clip.pretrained).exists():
+        local = folder / clip_subdir(clip.model, clip.pretrained)
+        if not local.is_dir():
+            raise WeightsUnavailableError(
+                f"{folder}: has no OpenCLIP weights for {clip.model}/{clip.pretrained} (expected {local})"
+            )
+        clip = replace(clip, pretrained=str(local))
+    if diffusion.weights != "random" and not Path(diffusion.model).exists():
+        local = folder / SD_SUBDIR
+        if not (local / "model_index.json").exists() and not (local / "unet").is_dir():
+            raise WeightsUnavailableError(
+                f"{folder}: has no diffusers SD-2-inpainting folder (expected {local})"
+            )
+        diffusion = replace(diffusion, model=str(local))
+    return replace(config, clip=clip, diffusion=diffusion)
+
+
+def describe(config: CLIPFusionConfig, folder: str | Path | None = None) -> list[str]:
+    """What would be used, and from where: for ``clipfusion weights where``."""
+    lines = []
+    origin = "--weights" if folder is not None else WEIGHTS_ENV
+    folder = Path(folder) if folder is not None else weights_dir_from_env()
+    if folder is not None:
+        lines.append(f"weights folder: {folder} (from {origin})")
+        problems = verify(folder)
+        lines += [f"  problem: {p}" for p in problems] or ["  verified: every file matches the manifest"]
+        try:
+            config = apply_weights_dir(config, folder)
+        except ClipfusionError as exc:
+            lines.append(f"  problem: {exc}")
+    clip, diffusion = config.clip, config.diffusion
+    if clip.pretrained == "random":
+        lines.append(f"clip: {clip.model} with random weights (seed {clip.init_seed})")
+    elif Path(clip.pretrained).exists():
+        lines.append(f"clip: {clip.model} from {clip.pretrained}")
+    else:
+        lines.append(f"clip: {clip.model}/{clip.pretrained} from the hub cache or hub ({_hf_cache()})")
+    if diffusion.weights == "random":
+        lines.append(f"diffusion: {diffusion.architecture} with random weights (seed {diffusion.init_seed})")
+    elif Path(diffusion.model).exists():
+        lines.append(f"diffusion: {diffusion.model}")
+    else:
+        lines.append(
+            f"diffusion: {diffusion.model}@{diffusion.revision} from the hub cache or hub ({_hf_cache()})"
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    lines.append(
+        f"hub: {'offline (HF_HUB_OFFLINE)' if offline else os.environ.get('HF_ENDPOINT', 'huggingface.co')}"
+    )
+    return lines
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
