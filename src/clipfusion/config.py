@@ -25,7 +25,14 @@ PRESETS = ("paper", "tiny", "random-full")
 
 @dataclass(frozen=True)
 class PatchCLIPConfig:
-    """The CLIP branch. ``pretrained = "random"`` builds the architecture with seeded random weights."""
+    """The CLIP branch (PatchCLIP). Options the paper leaves open are fields, with METHOD.md's defaults.
+
+    ``model`` is an open_clip architecture (or the shipped ``clipfusion-tiny``); ``pretrained`` an open_clip
+    tag, a local checkpoint file or folder, or ``"random"`` (weights drawn from ``init_seed``).
+    ``patch_mode``: ``tokens`` (one forward pass, per-token maps), ``crops`` (``crop_grid`` ×
+    ``crop_grid`` tiles, each encoded as an image) or ``windows`` (WinCLIP window embeddings of
+    ``window_size`` × ``window_size`` tokens, aggregated back to tokens by the harmonic mean).
+    """
 
     model: str = "ViT-B-16-plus-240"
     pretrained: str = "laion400m_e31"
@@ -40,6 +47,21 @@ class PatchCLIPConfig:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # checked here so that a bad value fails where it is given (preset, file, override), not mid-run
+        if self.patch_mode not in PATCH_MODES:
+            raise ConfigError(f"clip.patch_mode {self.patch_mode!r} is not one of {', '.join(PATCH_MODES)}")
+        for name in ("image_size", "crop_grid", "window_size", "output_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"clip.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"clip.temperature must be positive, got {self.temperature}")
+        if not self.model or not self.pretrained:
+            raise ConfigError("clip.model and clip.pretrained must not be empty")
+
+
+PATCH_MODES = ("tokens", "crops", "windows")
 
 
 @dataclass(frozen=True)
