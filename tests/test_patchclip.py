@@ -1,0 +1,254 @@
+"""PatchCLIP with the tiny preset: shapes, determinism, batching, caching, modes, options, plumbing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipfusion.branches.patchclip import CLIP_MEAN, CLIP_STD, PatchCLIP, harmonic_aggregation
+from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, clip_prompt_ensemble
+
+S = 64  # the tiny preset's output size
+
+
+def _images(n: int, seed: int = 0, size: tuple[int, int] = (96, 96)) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return _images(3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def references() -> list[Image.Image]:
+    return _images(2, seed=2, size=(80, 120))
+
+
+def test_prompt_ensemble_is_winclips():
+    normal, anomalous = clip_prompt_ensemble("metal nut")
+    assert len(TEMPLATES) == 21 and TEMPLATES.count("a jpeg corrupted photo of the {}.") == 2
+    assert len(normal) == len(NORMAL_STATES) * 21 == 147
+    assert len(anomalous) == len(ANOMALOUS_STATES) * 21 == 84
+    assert normal[0] == "a cropped photo of the metal nut."
+    assert anomalous[21] == "a cropped photo of the metal nut with flaw."
+    assert "a photo of a damaged metal nut for anomaly detection." in anomalous
+    # braces in a name are text, not format fields
+    assert clip_prompt_ensemble("a{}b")[0][0] == "a cropped photo of the a{}b."
+
+
+def test_zero_shot_shapes_and_dtypes(images):
+    clip = PatchCLIP.from_preset("tiny").fit("bottle")
+    out = clip.predict(images)
+    assert set(out) == {"clip_L", "s_clip_L"}  # zero-shot: no memory bank, no clip_V
+    assert out["clip_L"].shape == (3, S, S) and out["s_clip_L"].shape == (3,)
+    for value in out.values():
+        assert value.dtype == torch.float32 and value.device.type == "cpu"
+        assert torch.isfinite(value).all()
+    assert out["clip_L"].min() >= 0 and out["clip_L"].max() <= 1
+    assert out["s_clip_L"].min() > 0 and out["s_clip_L"].max() < 1
+
+
+def test_few_shot_adds_clip_v_and_refit_drops_it(images, references):
+    clip = PatchCLIP.from_preset("tiny").fit("bottle", references)
+    out = clip.predict(images)
+    assert out["clip_V"].shape == (3, S, S) and out["clip_V"].dtype == torch.float32
+    assert clip.memory_bank.shape == (2 * 15 * 15, 256)  # pre-projection tokens of the tiny ViT
+    assert out["clip_V"].min() >= 0 and out["clip_V"].max() > 0
+    # a reference is its own nearest neighbour: distance ~ 0 everywhere
+    own = clip.predict(references[:1])["clip_V"]
+    assert own.abs().max() < 1e-4
+    assert "clip_V" not in clip.fit("bottle").predict(images)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "windows", "crops"])
+def test_each_patch_mode(mode, images, references):
+    clip = PatchCLIP.from_preset("tiny", patch_mode=mode).fit("screw", references)
+    out = clip.predict(images)
+    assert out["clip_L"].shape == (3, S, S) and out["clip_V"].shape == (3, S, S)
+    assert out["clip_L"].min() >= 0 and out["clip_L"].max() <= 1
+    assert torch.isfinite(out["clip_V"]).all() and out["clip_V"].min() >= 0
+    assert out["clip_L"].std() > 0  # a map, not a constant
+
+
+def test_modes_reduce_to_the_global_embedding(images):
+    # a window covering the whole grid, or a single crop, is the whole image
+    clip = PatchCLIP.from_preset("tiny", patch_mode="windows", window_size=15)
+    with torch.inference_mode():
+        encoded = clip.encode(clip.preprocess(images), keep_embedded=True)
+        window = clip.window_embeddings(encoded.embedded)
+    assert window.shape[1] == 1
+    torch.testing.assert_close(window[:, 0], encoded.image, rtol=0, atol=1e-5)
+    crops = PatchCLIP.from_preset("tiny", patch_mode="crops", crop_grid=1).fit("bottle")
+    out = crops.predict(images)
+    torch.testing.assert_close(
+        out["clip_L"], out["s_clip_L"].view(-1, 1, 1).expand(-1, S, S), atol=1e-5, rtol=0
+    )
+
+
+def test_encode_equals_open_clip_encode_image(images):
+    clip = PatchCLIP.from_preset("tiny")
+    pixels = clip.preprocess(images)
+    with torch.inference_mode():
+        assert torch.equal(clip.encode(pixels).image, clip.model.encode_image(pixels))
+
+
+def test_same_seed_same_outputs_other_seed_other_outputs(images, references):
+    outs = [PatchCLIP.from_preset("tiny").fit("bottle", references).predict(images) for _ in range(2)]
+    for key in outs[0]:
+        assert torch.equal(outs[0][key], outs[1][key]), key
+    other = PatchCLIP.from_preset("tiny", init_seed=1).fit("bottle", references).predict(images)
+    assert not torch.allclose(outs[0]["clip_L"], other["clip_L"])
+
+
+@pytest.mark.parametrize("mode", ["tokens", "windows"])
+def test_batch_size_does_not_change_results(mode, images, references):
+    one = PatchCLIP.from_preset("tiny", patch_mode=mode, batch_size=1).fit("bottle", references)
+    three = PatchCLIP.from_preset("tiny", patch_mode=mode, batch_size=3).fit("bottle", references)
+    a, b = one.predict(images), three.predict(images)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def test_text_features_are_normalised_and_cached(monkeypatch, references):
+    clip = PatchCLIP.from_preset("tiny")
+    calls = []
+    encode_text = clip.model.encode_text
+    monkeypatch.setattr(
+        clip.model, "encode_text", lambda tokens: calls.append(len(tokens)) or encode_text(tokens)
+    )
+    text = clip.text_features("bottle")
+    assert text.shape == (2, 64) and text.dtype == torch.float32
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    assert calls == [147, 84]  # normal ensemble, then anomalous ensemble
+    assert clip.text_features("bottle") is text
+    clip.fit("bottle", references)
+    clip.fit("bottle")
+    assert len(calls) == 2  # cached across fits
+    other = clip.text_features("metal nut")
+    assert len(calls) == 4 and not torch.allclose(other, text)
+
+
+def test_normalised_prompt_averaging_is_an_option():
+    raw = PatchCLIP.from_preset("tiny").text_features("bottle")
+    normed = PatchCLIP.from_preset("tiny", normalize_prompt_embeddings=True).text_features("bottle")
+    assert not torch.allclose(raw, normed)
+    torch.testing.assert_close(normed.norm(dim=-1), torch.ones(2))
+
+
+def test_bfloat16_runs_and_follows_float32(images, references):
+    full = PatchCLIP.from_preset("tiny").fit("bottle", references).predict(images)
+    half = PatchCLIP.from_preset("tiny", dtype="bfloat16").fit("bottle", references).predict(images)
+    assert set(half) == set(full)
+    for key in ("clip_L", "clip_V"):
+        assert half[key].dtype == torch.float32
+        corr = np.corrcoef(full[key].flatten().numpy(), half[key].flatten().numpy())[0, 1]
+        assert corr > 0.95, (key, corr)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"patch_mode": "pixels"},
+        {"crop_grid": 0},
+        {"window_size": 0},
+        {"temperature": 0.0},
+        {"batch_size": 0},
+        {"output_size": -1},
+        {"no_such_option": 1},
+        {"dtype": "float16"},  # float16 is CUDA-only
+        {"patch_mode": "windows", "window_size": 16},  # larger than the 15×15 token grid
+        {"image_size": 224},  # the tiny ViT's positional embedding is for 240 px
+        {"model": "no-such-architecture"},
+        {"pretrained": "no-such-tag"},
+    ],
+)
+def test_bad_options_are_config_errors(options):
+    with pytest.raises(ConfigError):
+        PatchCLIP.from_preset("tiny", **options)
+
+
+def test_bad_calls_are_clear_errors(images):
+    clip = PatchCLIP.from_preset("tiny")
+    with pytest.raises(ClipfusionError, match="before fit"):
+        clip.predict(images)
+    with pytest.raises(InputError):
+        clip.fit("")
+    clip.fit("bottle")
+    with pytest.raises(InputError, match="PIL"):
+        clip.predict([np.zeros((8, 8, 3))])
+    with pytest.raises(InputError, match="list"):
+        clip.predict(images[0])
+    empty = clip.predict([])
+    assert empty["clip_L"].shape == (0, S, S) and empty["s_clip_L"].shape == (0,)
+
+
+def test_preprocessing_is_open_clips_for_square_images():
+    """Bicubic resize to 240 and CLIP mean/std, identical to open_clip's eval transform for the model."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    clip = PatchCLIP.from_preset("tiny")
+    reference = image_transform_v2(PreprocessCfg(**clip.model.visual.preprocess_cfg), is_train=False)
+    assert tuple(clip.model.visual.preprocess_cfg["mean"]) == CLIP_MEAN
+    assert tuple(clip.model.visual.preprocess_cfg["std"]) == CLIP_STD
+    assert clip.model.visual.preprocess_cfg["interpolation"] == "bicubic"
+    for size in (64, 240, 333):
+        image = _images(1, seed=size, size=(size, size))[0]
+        ours = clip.preprocess([image])[0]
+        theirs = reference(image)
+        assert ours.shape == theirs.shape == (3, 240, 240)
+        assert (ours - theirs).abs().max() <= 1e-6, size
+    # grey and RGBA inputs become RGB; non-square images are stretched, not cropped
+    grey = Image.fromarray(np.full((50, 100), 128, dtype=np.uint8))
+    assert clip.preprocess([grey, grey.convert("RGBA")]).shape == (2, 3, 240, 240)
+
+
+def test_harmonic_aggregation():
+    scores = torch.tensor([[1.0, 0.75, 0.5, 0.25]])  # 2×2 windows of size 2 on a 3×3 grid
+    expected = torch.tensor([[[1.0, 6 / 7, 0.75], [2 / 3, 0.48, 0.375], [0.5, 1 / 3, 0.25]]])
+    torch.testing.assert_close(harmonic_aggregation(scores, (3, 3), 2), expected)
+    zero = harmonic_aggregation(torch.tensor([[0.0, 1.0, 1.0, 1.0]]), (3, 3), 2)
+    assert zero[0, 0, 0] == 0 and zero[0, 1, 1] == 0 and zero[0, 2, 2] == 1 and torch.isfinite(zero).all()
+
+
+def test_harmonic_aggregation_matches_anomalib():
+    utils = pytest.importorskip("anomalib.models.image.winclip.utils", reason="anomalib (test extra) missing")
+    scores = torch.rand(2, 14 * 14, generator=torch.Generator().manual_seed(0)) + 0.01
+    theirs = utils.harmonic_aggregation(scores, (15, 15), utils.make_masks((15, 15), 2, 1))
+    torch.testing.assert_close(harmonic_aggregation(scores, (15, 15), 2), theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_few_shot_clip_v_localises_synthetic_defects(synthetic_root):
+    """Plumbing: k = 4 references, random tiny weights; nearest neighbours on pre-projection tokens find
+    the synthetic defects (pixel AUROC >= 0.9 in every category)."""
+    from clipfusion.data import (
+        SYNTHETIC_CATEGORIES,
+        FolderDataset,
+        load_image,
+        load_mask,
+        object_name,
+        sample_references,
+    )
+    from clipfusion.metrics import pixel_metrics
+
+    clip = PatchCLIP.from_preset("tiny", batch_size=12)
+    results = {}
+    for category in SYNTHETIC_CATEGORIES:
+        train = FolderDataset(synthetic_root / category, "train")
+        test = FolderDataset(synthetic_root / category, "test")
+        references = [load_image(s.image_path) for s in sample_references(train, 4, seed=0)]
+        clip.fit(object_name(category), references)
+        maps = clip.predict([load_image(s.image_path) for s in test])["clip_V"].numpy()
+        masks = np.stack(
+            [
+                load_mask(s.mask_path, size=(S, S)) if s.mask_path is not None else np.zeros((S, S), bool)
+                for s in test
+            ]
+        )
+        assert masks.any()
+        results[category] = pixel_metrics(masks, maps)["auroc"]
+    assert min(results.values()) >= 0.9, results
