@@ -15,14 +15,15 @@ from clipfusion.config import load_preset
 from clipfusion.errors import ConfigError, WeightsUnavailableError
 from clipfusion.models.clip import load_open_clip, read_state_dict
 
-MARKER = Path(__file__).parent / "_refused_pickle_ran"
-
 
 class _Evil:
     """Unpickling this would create a file; a safe loader must refuse before it runs."""
 
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (Path.touch, (MARKER,))
+        return (Path.touch, (self.marker,))
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +97,13 @@ def test_pickle_checkpoints_load_only_with_weights_only(tmp_path, pixels):
     loaded, _ = load_open_clip("clipfusion-tiny", str(plain))
     assert _same(_outputs(loaded, pixels), _outputs(source, pixels))
 
-    evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": source.state_dict(), "payload": _Evil()}, evil)
-    MARKER.unlink(missing_ok=True)
-    try:
-        with pytest.raises(WeightsUnavailableError, match="weights_only"):
-            load_open_clip("clipfusion-tiny", str(evil))
-        assert not MARKER.exists(), "the pickle's code ran"
-    finally:
-        MARKER.unlink(missing_ok=True)
+    evil, marker = tmp_path / "evil.pt", tmp_path / "the_pickle_ran"
+    torch.save({"state_dict": source.state_dict(), "payload": _Evil(marker)}, evil)
+    with pytest.raises(WeightsUnavailableError, match="weights_only"):
+        load_open_clip("clipfusion-tiny", str(evil))
+    assert not marker.exists(), "the pickle's code ran"
+    torch.load(evil, weights_only=False)  # the trap works: an unsafe load would have run it
+    assert marker.exists()
 
 
 def test_wrong_or_broken_checkpoints_are_refused(tmp_path):
