@@ -10,7 +10,9 @@ Compared (tiny preset, seed 0; anomalib's constructor would download ViT-B-16-pl
   the exact normalised tensor our pre-processing produces (<= 1e-5);
 - the few-shot memory bank: our bank == anomalib's ``_patch_embeddings`` for the same references, and
   ``clip_V`` on the token grid == 2 × anomalib's patch-level ``visual_association_score`` (which halves
-  the cosine distance).
+  the cosine distance);
+- the window embeddings (``patch_mode = "windows"``) == anomalib's ``_get_window_embeddings`` at scale 2,
+  once its transformer receives the sequence-first layout it was written for (see the last test).
 """
 
 from __future__ import annotations
@@ -115,3 +117,23 @@ def test_memory_bank_and_clip_v_equal_winclip_plus(clip, winclip):
     ours = clip.predict(queries)["clip_V"]
     assert (ours - theirs).abs().max() <= 1e-5
     assert ours.max() > 0.01  # distinct images: the distances are not all zero
+
+
+def test_window_embeddings_equal_winclips_once_its_layout_slip_is_undone(clip, winclip):
+    """anomalib 2.x hands the transformer (L, N, D) tensors, but open_clip >= 2.26 runs it batch-first, so
+    its windows attend across windows. Given the layout it meant, its windows must equal ours."""
+    transformer = clip.model.visual.transformer
+    batch_first_forward = transformer.forward
+
+    def sequence_first_forward(x, attn_mask=None):
+        return batch_first_forward(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+
+    assert clip.config.window_size == 2 and winclip.scales[0] == 2
+    with torch.no_grad():
+        encoded = clip.encode(clip.preprocess(_images(2, seed=3)), keep_embedded=True)
+        ours = clip.window_embeddings(encoded.embedded)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(transformer, "forward", sequence_first_forward)
+            theirs = winclip._get_window_embeddings(encoded.embedded, winclip.masks[0])
+    assert ours.shape == theirs.shape == (2, 14 * 14, 64)
+    assert (ours - theirs).abs().max() <= 1e-5
