@@ -164,6 +164,7 @@ def test_bfloat16_runs_and_follows_float32(images, references):
         {"patch_mode": "windows", "window_size": 16},  # larger than the 15×15 token grid
         {"image_size": 224},  # the tiny ViT's positional embedding is for 240 px
         {"model": "no-such-architecture"},
+        {"model": "hf-hub:timm/vit_base_patch16_plus_clip_240.laion400m_e31"},  # would reach the hub
         {"pretrained": "no-such-tag"},
     ],
 )

@@ -91,6 +91,12 @@ def load_open_clip(
     import open_clip
 
     register_model_configs()
+    if model.startswith(("hf-hub:", "local-dir:")):
+        # open_clip would fetch the config (and weights) from the hub; here weights come from `pretrained`
+        raise ConfigError(
+            f"clip.model {model!r}: give an architecture name (e.g. ViT-B-16-plus-240) and put the hub "
+            "repository's checkpoint file or folder in clip.pretrained"
+        )
     if open_clip.get_model_config(model) is None:
         raise ConfigError(
             f"unknown CLIP architecture {model!r}; known: clipfusion-tiny, ViT-B-16-plus-240 and the other "
