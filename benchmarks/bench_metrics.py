@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{masks.mean() * 100:.2f} % anomalous; float32 maps + bool masks = {data_mb:.0f} MiB "
         f"(generated in {gen_s:.1f} s)",
         f"load average before the run: {load:.2f}",
-        f"RSS with the data in memory: {rss_data / 2**20:.0f} MiB",
+        f"RSS before the metrics (interpreter, libraries, data): {rss_data / 2**20:.0f} MiB",
     ]
     for line in lines:
         print(line, flush=True)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_line = (
         f"pixel_metrics (AUROC, AP, F1-max, AUPRO; one sort): "
         f"{' / '.join(f'{t:.2f}' for t in times)} s (median {statistics.median(times):.2f} s); "
-        f"peak RSS {peak / 2**20:.0f} MiB = data + {(peak - rss_data) / 2**20:.0f} MiB"
+        f"peak RSS {peak / 2**20:.0f} MiB (+{(peak - rss_data) / 2**20:.0f} MiB over that)"
     )
     print(ours_line, flush=True)
     print("  " + ", ".join(f"{k} {v:.6f}" for k, v in ours.items()), flush=True)
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         del maps64
         f64_line = (
             f"pixel_metrics on float64 maps (+1e-12, exact float64 argsort fallback): {f64_times[0]:.2f} s; "
-            f"peak RSS {f64_peak / 2**20:.0f} MiB = data incl. the float64 copy "
-            f"+ {(f64_peak - rss_64) / 2**20:.0f} MiB; "
+            f"peak RSS {f64_peak / 2**20:.0f} MiB (+{(f64_peak - rss_64) / 2**20:.0f} MiB over that "
+            "and the caller's float64 maps); "
             f"max |diff| to float32 run {max(abs(f64[k] - ours[k]) for k in ours):.1e}"
         )
         print(f64_line, flush=True)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         sk_line = (
             f"scikit-learn roc_auc_score + average_precision_score (2 metrics, 2 sorts): "
             f"{sk_times[0]:.2f} s; "
-            f"peak RSS {sk_peak / 2**20:.0f} MiB = data + {(sk_peak - rss_data) / 2**20:.0f} MiB"
+            f"peak RSS {sk_peak / 2**20:.0f} MiB (+{(sk_peak - rss_data) / 2**20:.0f} MiB)"
         )
         ratio_line = (
             f"ratio scikit-learn / pixel_metrics (median): {sk_times[0] / statistics.median(times):.1f}x; "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from clipfusion.errors import MetricError
@@ -152,13 +151,19 @@ def test_pixel_metrics_float64_beyond_float32_precision_stays_exact():
     rng = np.random.default_rng(5)
     masks = random_masks(rng, 4, 16, 16)
     maps = np.round(rng.random(masks.shape), 1) + 1e-12 * rng.integers(0, 50, masks.shape) + 0.2 * masks
+    before = maps.copy()
     got, want = pixel_metrics(masks, maps), sk_metrics(masks, maps)
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
+    labels, scores = masks.reshape(-1)[:300], maps.reshape(-1)[:300]
+    assert image_metrics(labels, scores) == pytest.approx(sk_metrics(labels, scores), abs=1e-9)
+    np.testing.assert_array_equal(maps, before)  # the caller's arrays are never written to
     assert got["aupro"] == pytest.approx(slow_aupro(masks, maps), abs=1e-9)
 
 
 def test_input_kinds_agree():
+    import torch  # only here: the metrics themselves never import torch
+
     rng = np.random.default_rng(7)
     masks = random_masks(rng, 3, 12, 12)
     maps = random_maps(rng, masks, 2)

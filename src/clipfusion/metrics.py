@@ -246,13 +246,15 @@ def _ranking_from_packed(keys: np.ndarray) -> _Ranking:
     return _make_ranking(keys.size, ids_pos, last_pos, start, end)
 
 
-def _ranking_from_float64(scores: np.ndarray, ids: np.ndarray) -> _Ranking:
+def _ranking_from_float64(scores: np.ndarray, ids: np.ndarray, *, owned: bool = False) -> _Ranking:
     """Exact fallback for scores that float32 cannot hold: a float64 argsort with the same bookkeeping.
 
     About five times slower than the packed sort on benchmark-sized data (argsort plus two gathers), and it
     holds the negated scores, the order and the sorted ids at once; float32 maps never come here.
     """
-    neg = -scores.astype(np.float64, copy=False).ravel()
+    # our own float64 buffer is negated in place rather than copied
+    scores = scores.astype(np.float64, copy=False).ravel()
+    neg = np.negative(scores, out=scores if owned else None)
     order = np.argsort(neg)
     neg = neg[order]
     ids_sorted = ids.ravel()[order]
@@ -432,7 +434,7 @@ def _pixel_ranking(masks: Any, maps: Any) -> tuple[_Ranking, np.ndarray]:
             if ids is not None:
                 ids_all[offset : offset + s.size] = ids.ravel()
             offset += s.size
-        ranking = _ranking_from_float64(scores, ids_all)
+        ranking = _ranking_from_float64(scores, ids_all, owned=True)
     return ranking, np.concatenate(sizes)
 
 
