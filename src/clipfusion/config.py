@@ -66,7 +66,16 @@ PATCH_MODES = ("tokens", "crops", "windows")
 
 @dataclass(frozen=True)
 class MapDiffConfig:
-    """The diffusion branch. ``weights = "random"`` builds the architecture with seeded random weights."""
+    """The diffusion branch (METHOD.md, MapDiff). ``weights = "random"`` builds the architecture with seeded
+    random weights; ``model`` is a hub id or a local diffusers-format directory.
+
+    [ours] choices, each changeable here: ``timestep`` 100, ``n_noise`` 1, ``seed`` 0, ``state_words``
+    ("damage",), ``attention_blocks`` (all ``attn2`` of up_blocks.1 and .2), ``feature_blocks`` (output of
+    up_blocks.1), ``attention_normaliser`` ("prompt": the state-word attention divided by the attention on
+    every prompt token but the start token, i.e. the words and the end token; "words": the words only;
+    "sequence": all 76 positions after the start token, padding included) and ``early_exit`` (stop the UNet
+    after the last block a map reads; the maps are identical, the time is not).
+    """
 
     model: str = "stabilityai/stable-diffusion-2-inpainting"
     revision: str = "main"
@@ -81,10 +90,53 @@ class MapDiffConfig:
     prompt_template: str = "a close-up cropped png photo of a {object} with {state}"
     attention_blocks: tuple[str, ...] = ("up_blocks.1", "up_blocks.2")
     feature_blocks: tuple[str, ...] = ("up_blocks.1",)
+    attention_normaliser: str = "prompt"
+    early_exit: bool = True
     output_size: int = 256
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "float32"
+
+    ARCHITECTURES: typing.ClassVar[tuple[str, ...]] = ("sd2-inpainting", "tiny")
+    WEIGHTS: typing.ClassVar[tuple[str, ...]] = ("pretrained", "random")
+    ATTENTION_NORMALISERS: typing.ClassVar[tuple[str, ...]] = ("prompt", "words", "sequence")
+
+    def __post_init__(self) -> None:
+        # value checks only; those that need the model (block names, timestep range) are made by MapDiff
+        problems = []
+        if self.architecture not in self.ARCHITECTURES:
+            problems.append(f"architecture {self.architecture!r} is not one of {', '.join(self.ARCHITECTURES)}")
+        if self.weights not in self.WEIGHTS:
+            problems.append(f"weights {self.weights!r} is not one of {', '.join(self.WEIGHTS)}")
+        if self.attention_normaliser not in self.ATTENTION_NORMALISERS:
+            problems.append(
+                f"attention_normaliser {self.attention_normaliser!r} is not one of "
+                + ", ".join(self.ATTENTION_NORMALISERS)
+            )
+        for name in ("image_size", "n_noise", "output_size", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.timestep < 0:
+            problems.append(f"timestep must be >= 0, got {self.timestep}")
+        if not self.state_words or any(not w.strip() for w in self.state_words):
+            problems.append("state_words must be a non-empty list of non-empty words")
+        if not self.attention_blocks:
+            problems.append("attention_blocks must name at least one block (diff_L reads them)")
+        if not self.feature_blocks:
+            problems.append("feature_blocks must name at least one block (diff_V reads them)")
+        if "{state}" not in self.prompt_template:
+            problems.append(f"prompt_template {self.prompt_template!r} has no {{state}} placeholder")
+        else:
+            try:
+                self.prompt_template.format(object="object", state="state")
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(
+                    f"prompt_template {self.prompt_template!r} may only use {{object}} and {{state}} ({exc})"
+                )
+        if not self.model:
+            problems.append("model must not be empty")
+        if problems:
+            raise ConfigError("diffusion." + "; diffusion.".join(problems))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,513 @@
+"""MapDiff: Stable Diffusion 2 inpainting as a one-step feature extractor (METHOD.md, MapDiff).
+
+One UNet evaluation per image, state word and noise draw, no iterative denoising and no classifier-free
+guidance. The clean image is encoded once (VAE posterior mean × scaling factor); the inpainting conditioning
+is an empty mask with the clean latents as the masked-image latents, so the UNet sees the whole image; the
+latents are noised at one timestep with a seeded ε that references and queries share. Two maps come out:
+
+* ``diff_L``: cross-attention of every latent position onto the state word's token(s), renormalised by the
+  attention on the prompt's other tokens (``attention_normaliser``), averaged over heads, layers (each
+  upsampled to the largest grid first), state words and noise draws;
+* ``diff_V`` (few-shot): cosine distance of UNet block features to their nearest neighbour in a memory bank
+  of the references' features, taken at the same timestep, block, prompt and noise.
+
+The steps are public (:meth:`MapDiff.preprocess`, :meth:`MapDiff.encode_latents`, :meth:`MapDiff.unet_input`,
+:meth:`MapDiff.run_unet`, :meth:`MapDiff.attention_map`, :meth:`MapDiff.feature_distance`) so that a speed
+harness can time the VAE, the UNet and the map arithmetic separately. No I/O happens here: components come
+from :mod:`clipfusion.models.diffusion` or from the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
+from clipfusion.config import MapDiffConfig, load_preset, with_overrides
+from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.memory import nearest_neighbour_distance
+
+Images = Sequence[Image.Image] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized diffusion prompt and where its state word sits in it."""
+
+    text: str
+    state: str
+    input_ids: torch.Tensor  # (1, context length), int64
+    state_positions: tuple[int, ...]
+    end_position: int  # index of the end-of-text token
+
+
+@dataclass
+class UNetCapture:
+    """What one UNet pass left behind: attention probabilities and block outputs.
+
+    ``attention[name]`` is ``(B, heads, queries, tokens)`` in float32; ``features[name]`` is ``(B, C, h, w)``
+    in the model dtype; ``noise_pred`` is the UNet output, or ``None`` when the pass stopped early.
+    """
+
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    noise_pred: torch.Tensor | None = None
+
+
+class _StopUNet(Exception):
+    """Raised from a forward hook to end a UNet pass once every block a map reads has run."""
+
+
+_BLOCK_RANK = {"down_blocks": 1, "mid_block": 2, "up_blocks": 3}
+
+
+def _top_level_block(name: str) -> tuple[str, tuple[int, int]] | None:
+    """The UNet block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) a module belongs to, with its rank
+    in the order diffusers' ``UNet2DConditionModel.forward`` runs them; ``None`` for anything else."""
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        return "mid_block", (2, 0)
+    if parts[0] in _BLOCK_RANK and len(parts) > 1 and parts[1].isdigit():
+        return f"{parts[0]}.{parts[1]}", (_BLOCK_RANK[parts[0]], int(parts[1]))
+    return None
+
+
+def stop_block(module_names: Sequence[str]) -> str | None:
+    """The block after which no module in ``module_names`` runs, or ``None`` when a full pass is needed."""
+    located = [_top_level_block(n) for n in module_names]
+    if not located or any(loc is None for loc in located):
+        return None
+    return max(located, key=lambda loc: loc[1])[0]  # type: ignore[index]
+
+
+def _tensor_output(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]  # down blocks return (hidden states, residuals)
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise ConfigError(f"a feature block returned {type(output).__name__}, not a tensor")
+
+
+class MapDiff:
+    """The diffusion branch: ``fit(object_name, references)``, then ``predict(images)``.
+
+    Takes already-loaded components (any device and dtype; the maps are computed in float32), so that tests
+    and benchmarks can inject their own; :meth:`from_preset` and :meth:`from_config` load them.
+    """
+
+    def __init__(
+        self,
+        vae: Any,
+        unet: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler: Any,
+        config: MapDiffConfig | None = None,
+    ) -> None:
+        self.vae = vae
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.config = config or MapDiffConfig()
+        self.attention_layers = cross_attention_layers(unet, self.config.attention_blocks)
+        self._check_components()
+        self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
+        self._noise: dict[tuple[int, ...], torch.Tensor] = {}
+        self.object_name: str | None = None
+        self.prompts: dict[str, PromptTokens] = {}
+        # bank[(state word, noise draw)][feature block] = (M, C) reference features
+        self.bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
+        self._n_references = 0
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        config: MapDiffConfig,
+        *,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> MapDiff:
+        """Load the components the configuration names (pretrained or random) and wrap them."""
+        from clipfusion.models.diffusion import load_diffusion_components
+
+        components = load_diffusion_components(config, cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls(**components.modules(), config=config)
+
+    @classmethod
+    def from_preset(cls, name: str = "paper", **options: Any) -> MapDiff:
+        """The ``[diffusion]`` section of a preset, options overridden (``timestep=200``, ``device="cpu"``).
+
+        Options are validated as a configuration file's would be: an unknown name or a bad value is a
+        :class:`~clipfusion.errors.ConfigError` before anything is loaded.
+        """
+        config = load_preset(name).diffusion
+        if options:
+            config = with_overrides(config, options)
+        return cls.from_config(config)
+
+    def _check_components(self) -> None:
+        cfg = self.config
+        modules = dict(self.unet.named_modules())
+        blocks = sorted({loc[0] for n in modules if (loc := _top_level_block(n)) is not None})
+        for name in cfg.feature_blocks:
+            if name not in modules or name == "":
+                raise ConfigError(
+                    f"diffusion.feature_blocks: {name!r} is not a module of the UNet; "
+                    f"blocks: {', '.join(blocks)}"
+                )
+        n_train = int(self.scheduler.config.num_train_timesteps)
+        if not 0 <= cfg.timestep < n_train:
+            raise ConfigError(f"diffusion.timestep must lie in [0, {n_train}), got {cfg.timestep}")
+        latent = int(self.vae.config.latent_channels)
+        if int(self.unet.config.in_channels) != 2 * latent + 1:
+            raise ConfigError(
+                f"the UNet takes {self.unet.config.in_channels} input channels; an inpainting UNet takes "
+                f"{2 * latent + 1} (noisy latents, mask, masked-image latents)"
+            )
+        factor = self.vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if cfg.image_size % factor:
+            raise ConfigError(
+                f"diffusion.image_size must be a multiple of {factor} for this VAE and UNet, "
+                f"got {cfg.image_size}"
+            )
+        if self.text_encoder is not None:
+            width = int(self.text_encoder.config.hidden_size)
+            if width != int(self.unet.config.cross_attention_dim):
+                raise ConfigError(
+                    f"text encoder width {width} differs from the UNet's cross_attention_dim "
+                    f"{self.unet.config.cross_attention_dim}"
+                )
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent position along one side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.image_size // self.vae_factor
+
+    @property
+    def shots(self) -> int:
+        """Number of reference images in the memory bank (0: zero-shot)."""
+        return self._n_references
+
+    # -- prompts ------------------------------------------------------------------------------------------
+    def tokenize_prompt(self, object_name: str, state: str) -> PromptTokens:
+        """The prompt for ``object_name`` and ``state``, with the state word's token positions.
+
+        Positions are found by tokenizing the text before each ``{state}`` placeholder and the word alone
+        (CLIP's BPE works word by word, so a word that splits into several tokens occupies consecutive
+        positions), then checked against the tokenized prompt; a template where that does not hold is refused.
+        """
+        template = self.config.prompt_template
+        text = template.format(object=object_name, state=state)
+        length = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        if not 0 < length <= 1024:  # unset (transformers' "very large" sentinel): CLIP's context length
+            length = 77
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
+        word = self.tokenizer(state, add_special_tokens=False).input_ids
+        pieces = template.split("{state}")
+        positions: list[int] = []
+        prefix = ""
+        for piece in pieces[:-1]:
+            prefix += piece.format(object=object_name)
+            start = 1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids)
+            positions.extend(range(start, start + len(word)))
+            prefix += state
+        row = ids[0].tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos not in row:
+            raise ConfigError(
+                f"the diffusion prompt {text!r} is longer than the text encoder's {length} tokens"
+            )
+        end = row.index(eos)
+        if (
+            not word
+            or any(p >= end for p in positions)
+            or [row[p] for p in positions] != word * (len(pieces) - 1)
+        ):
+            raise ConfigError(
+                f"cannot locate the state word {state!r} in the tokenized prompt {text!r}; keep {{state}} a "
+                "separate word in diffusion.prompt_template"
+            )
+        return PromptTokens(text, state, ids, tuple(positions), end)
+
+    def prompt_embeddings(self, object_name: str, state: str) -> torch.Tensor:
+        """Text-encoder output ``(1, 77, D)`` for one prompt, cached per object name and state word."""
+        key = (object_name, state)
+        if key not in self._embeddings:
+            if self.text_encoder is None:
+                raise ClipfusionError(
+                    f"the text encoder was released and no prompt embedding is cached for {object_name!r} / "
+                    f"{state!r}; fit every object before calling release_text_encoder()"
+                )
+            ids = self.tokenize_prompt(object_name, state).input_ids
+            device = next(self.text_encoder.parameters()).device
+            with torch.inference_mode():
+                # SD-2 conditions on the last hidden state (its text tower already stops at the penultimate
+                # OpenCLIP layer), with no attention mask, as the diffusers pipeline does
+                hidden = self.text_encoder(ids.to(device))[0]
+            self._embeddings[key] = hidden.to(device=self.device, dtype=self.dtype)
+        return self._embeddings[key]
+
+    def release_text_encoder(self) -> None:
+        """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) once every object's prompts are cached."""
+        self.text_encoder = None
+
+    # -- pipeline steps -----------------------------------------------------------------------------------
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """``(N, 3, S, S)`` in [-1, 1] (the VAE's range), resized bilinear to ``image_size``.
+
+        PIL images go through PIL's bilinear resize; a float tensor ``(N, 3, H, W)`` in [0, 1] through
+        antialiased bilinear interpolation (the same filter up to rounding).
+        """
+        size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise InputError(
+                    f"expected images as an (N, 3, H, W) tensor, got shape {tuple(images.shape)}"
+                )
+            x = images.float()
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        else:
+            if len(images) == 0:
+                raise InputError("no images given")
+            arrays = []
+            for img in images:
+                if not isinstance(img, Image.Image):
+                    raise InputError(f"expected PIL images or a tensor, got {type(img).__name__}")
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return (x * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``z0 = scaling_factor · VAE.encode(x).mean``, float32 ``(N, 4, h, w)``.
+
+        The posterior mean rather than a sample keeps the maps deterministic; the masked-image latents of the
+        empty-mask conditioning are these same latents, so one encode serves both.
+        """
+        vae_param = next(self.vae.parameters())
+        with torch.inference_mode():
+            posterior = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+            z0 = posterior.mean.float() * float(self.vae.config.scaling_factor)
+        return z0.to(self.device)
+
+    def noise(self, latent_shape: Sequence[int]) -> torch.Tensor:
+        """The ``n_noise`` ε draws ``(n_noise, C, h, w)``, float32, from ``seed`` alone.
+
+        Drawn on the CPU (device-independent) once per latent shape; every image, query or reference, gets the
+        same ε for a given draw, so an image's maps do not depend on the batch it is in.
+        """
+        key = tuple(int(s) for s in latent_shape)
+        if key not in self._noise:
+            generator = torch.Generator("cpu").manual_seed(self.config.seed)
+            eps = torch.randn((self.config.n_noise, *key), generator=generator, dtype=torch.float32)
+            self._noise[key] = eps.to(self.device)
+        return self._noise[key]
+
+    def unet_input(self, z0: torch.Tensor, draw: int = 0) -> torch.Tensor:
+        """``cat[z_t, mask = 0, z0]`` with ``z_t = add_noise(z0, ε_draw, t)``, in the UNet's dtype."""
+        eps = self.noise(z0.shape[1:])[draw].expand_as(z0)
+        t = torch.full((z0.shape[0],), self.config.timestep, dtype=torch.long, device=z0.device)
+        z_t = self.scheduler.add_noise(z0.float(), eps, t)
+        mask = torch.zeros_like(z0[:, :1])
+        return torch.cat([z_t, mask, z0.float()], dim=1).to(self.dtype)
+
+    def run_unet(
+        self,
+        sample: torch.Tensor,
+        prompt_embeddings: torch.Tensor,
+        *,
+        attention_layers: Sequence[str] | None = None,
+        feature_blocks: Sequence[str] | None = None,
+        early_exit: bool | None = None,
+    ) -> UNetCapture:
+        """One UNet pass at the configured timestep, capturing attention and block outputs.
+
+        With ``early_exit`` (default: the config's) the pass ends after the last block whose attention or
+        output is read; what is captured is identical to a full pass, only ``noise_pred`` is then ``None``.
+        """
+        layers = list(self.attention_layers if attention_layers is None else attention_layers)
+        blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
+        early = self.config.early_exit if early_exit is None else early_exit
+        capture = UNetCapture()
+        modules = dict(self.unet.named_modules())
+        handles = []
+
+        def keep(name: str):
+            def hook(_module: Any, _inputs: Any, output: Any) -> None:
+                capture.features[name] = _tensor_output(output)
+
+            return hook
+
+        def stop(_module: Any, _inputs: Any, _output: Any) -> None:
+            raise _StopUNet
+
+        try:
+            for name in blocks:
+                handles.append(modules[name].register_forward_hook(keep(name)))
+            last = stop_block(layers + blocks) if early else None
+            if last is not None:  # registered after the feature hooks so they fire first on the same module
+                handles.append(modules[last].register_forward_hook(stop))
+            states = prompt_embeddings.to(device=sample.device, dtype=self.dtype)
+            states = states.expand(sample.shape[0], -1, -1)
+            t = torch.full((sample.shape[0],), self.config.timestep, dtype=torch.long, device=sample.device)
+            with torch.inference_mode(), capture_cross_attention(self.unet, layers) as attention:
+                with contextlib.suppress(_StopUNet):
+                    capture.noise_pred = self.unet(sample, t, encoder_hidden_states=states).sample
+                capture.attention = dict(attention)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return capture
+
+    # -- maps ---------------------------------------------------------------------------------------------
+    def attention_map(self, capture: UNetCapture, prompt: PromptTokens) -> torch.Tensor:
+        """``diff_L`` of one pass, ``(B, G, G)`` in [0, 1] on the largest attention grid ``G``.
+
+        Head-averaged probabilities of each layer are upsampled to the largest grid and averaged over layers;
+        then the attention on the state word's tokens is divided by the attention on the normaliser's tokens
+        (which exclude the start token, the attention sink that would otherwise swamp the ratio).
+        """
+        per_layer = []
+        for name in self.attention_layers:
+            probs = capture.attention[name].float().mean(dim=1)  # (B, queries, tokens)
+            side = math.isqrt(probs.shape[1])
+            if side * side != probs.shape[1]:
+                raise ClipfusionError(f"{name}: {probs.shape[1]} attention queries do not form a square grid")
+            per_layer.append(probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], side, side))
+        grid = max(p.shape[-1] for p in per_layer)
+        mean = torch.stack([_resize(p, grid) for p in per_layer]).mean(dim=0)  # (B, tokens, G, G)
+        mode = self.config.attention_normaliser
+        stop = {"prompt": prompt.end_position + 1, "words": prompt.end_position, "sequence": mean.shape[1]}[
+            mode
+        ]
+        word = mean[:, list(prompt.state_positions)].sum(dim=1)
+        total = mean[:, 1:stop].sum(dim=1)
+        return (word / total.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
+
+    def feature_distance(self, capture: UNetCapture, bank: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``diff_V`` of one pass, ``(B, G, G)``: nearest-reference cosine distance, averaged over blocks."""
+        maps = []
+        for name in self.config.feature_blocks:
+            features = capture.features[name]
+            maps.append(nearest_neighbour_distance(features.permute(0, 2, 3, 1), bank[name]))
+        grid = max(m.shape[-1] for m in maps)
+        return torch.stack([_resize(m[:, None], grid)[:, 0] for m in maps]).mean(dim=0)
+
+    def _bank_entries(self, capture: UNetCapture) -> dict[str, torch.Tensor]:
+        entries = {}
+        for name in self.config.feature_blocks:
+            features = capture.features[name]
+            if features.ndim != 4:
+                raise ConfigError(
+                    f"diffusion.feature_blocks: {name!r} gives {features.ndim}-d output, not a map"
+                )
+            entries[name] = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        return entries
+
+    def _passes(self, pixels: torch.Tensor, *, attention: bool) -> Iterator[tuple[str, int, UNetCapture]]:
+        """Every (state word, noise draw) pass over one batch; the VAE runs once for all of them."""
+        z0 = self.encode_latents(pixels)
+        for draw in range(self.config.n_noise):
+            sample = self.unet_input(z0, draw)
+            for state in self.config.state_words:
+                embeddings = self.prompt_embeddings(self.object_name, state)  # type: ignore[arg-type]
+                layers = self.attention_layers if attention else []
+                yield state, draw, self.run_unet(sample, embeddings, attention_layers=layers)
+
+    # -- fit / predict ------------------------------------------------------------------------------------
+    def fit(self, object_name: str, references: Images | None = None) -> MapDiff:
+        """Prompts for ``object_name`` (embeddings cached) and, given normal references, the memory bank.
+
+        No references (``None`` or empty) means zero-shot: :meth:`predict` then returns ``diff_L`` only.
+        """
+        if not object_name or not object_name.strip():
+            raise InputError("the object name must not be empty")
+        self.object_name = object_name
+        self.prompts = {state: self.tokenize_prompt(object_name, state) for state in self.config.state_words}
+        for state in self.config.state_words:
+            self.prompt_embeddings(object_name, state)
+        self.bank = None
+        self._n_references = 0
+        if references is None or len(references) == 0:
+            return self
+        pixels = self.preprocess(references)
+        parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
+        for start in range(0, pixels.shape[0], self.config.batch_size):
+            for state, draw, capture in self._passes(
+                pixels[start : start + self.config.batch_size], attention=False
+            ):
+                slot = parts.setdefault((state, draw), {})
+                for name, entries in self._bank_entries(capture).items():
+                    slot.setdefault(name, []).append(entries)
+        self.bank = {
+            key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
+        }
+        self._n_references = int(pixels.shape[0])
+        return self
+
+    def predict(self, images: Images) -> dict[str, torch.Tensor]:
+        """``diff_L`` and, after a few-shot fit, ``diff_V``: float32 ``(N, S, S)`` on the CPU.
+
+        S is ``output_size``. Images are processed ``batch_size`` at a time; an image's maps do not depend
+        on its batch.
+        """
+        if self.object_name is None:
+            raise ClipfusionError("call fit(object_name, references) before predict")
+        pixels = self.preprocess(images)
+        outputs: dict[str, list[torch.Tensor]] = {"diff_L": [], "diff_V": []}
+        n_passes = self.config.n_noise * len(self.config.state_words)
+        for start in range(0, pixels.shape[0], self.config.batch_size):
+            language = visual = None
+            for state, draw, capture in self._passes(
+                pixels[start : start + self.config.batch_size], attention=True
+            ):
+                m_l = self.attention_map(capture, self.prompts[state])
+                language = m_l if language is None else language + m_l
+                if self.bank is not None:
+                    m_v = self.feature_distance(capture, self.bank[(state, draw)])
+                    visual = m_v if visual is None else visual + m_v
+            outputs["diff_L"].append(_resize(language[:, None] / n_passes, self.config.output_size)[:, 0])
+            if visual is not None:
+                outputs["diff_V"].append(_resize(visual[:, None] / n_passes, self.config.output_size)[:, 0])
+        return {name: torch.cat(maps).float().cpu() for name, maps in outputs.items() if maps}
+
+
+def _resize(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, h, w)`` maps to ``size × size`` (a convex combination: bounds are kept)."""
+    if maps.shape[-1] == size and maps.shape[-2] == size:
+        return maps
+    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+__all__ = ["MapDiff", "PromptTokens", "UNetCapture", "stop_block"]

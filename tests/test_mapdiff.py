@@ -1,0 +1,369 @@
+"""MapDiff fidelity on the tiny preset: capture, attention, early exit, tokens, determinism, maps, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipfusion.branches.attention import (
+    AttentionProbabilityProcessor,
+    capture_cross_attention,
+    cross_attention_layers,
+)
+from clipfusion.branches.mapdiff import MapDiff, stop_block
+from clipfusion.config import load_preset, with_overrides
+from clipfusion.errors import ClipfusionError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MapDiff:
+    return MapDiff.from_preset("tiny", device="cpu")
+
+
+def variant(branch: MapDiff, **options) -> MapDiff:
+    """Another branch on the same (already built) modules with some options changed."""
+    config = with_overrides(branch.config, options)
+    return MapDiff(branch.vae, branch.unet, branch.text_encoder, branch.tokenizer, branch.scheduler, config)
+
+
+def images(n: int, seed: int = 0, size: int = 96) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        # smooth random images (blurred noise plus a random square): structured enough to vary the maps
+        base = rng.normal(128, 40, (size // 8, size // 8, 3)).clip(0, 255).astype(np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((size, size), Image.BICUBIC)).copy()
+        y, x = rng.integers(0, size - 20, 2)
+        img[y : y + 16, x : x + 16] = rng.integers(0, 255, 3)
+        out.append(Image.fromarray(img))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(tiny: MapDiff) -> dict[str, torch.Tensor]:
+    """UNet input and prompt embedding of two images, as predict builds them."""
+    z0 = tiny.encode_latents(tiny.preprocess(images(2)))
+    return {"sample": tiny.unet_input(z0), "states": tiny.prompt_embeddings("metal nut", "damage")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capture
+
+
+def test_capture_leaves_unet_output_unchanged(tiny: MapDiff, batch) -> None:
+    sample, states = batch["sample"], batch["states"].expand(2, -1, -1)
+    t = torch.full((2,), tiny.config.timestep)
+    with torch.inference_mode():
+        plain = tiny.unet(sample, t, encoder_hidden_states=states).sample
+        with capture_cross_attention(tiny.unet, tiny.attention_layers) as store:
+            captured = tiny.unet(sample, t, encoder_hidden_states=states).sample
+    assert set(store) == set(tiny.attention_layers)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_stored_attention_equals_recomputation_from_q_and_k(tiny: MapDiff, batch) -> None:
+    modules = dict(tiny.unet.named_modules())
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            inputs[name] = (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(keep(n), with_kwargs=True) for n in tiny.attention_layers]
+    try:
+        capture = tiny.run_unet(batch["sample"], batch["states"], early_exit=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(capture.attention) == set(tiny.attention_layers) == set(inputs)
+    for name in tiny.attention_layers:
+        attn = modules[name]
+        hidden, context = inputs[name]
+        q = attn.to_q(hidden)
+        k = attn.to_k(context)
+        b, n, width = q.shape
+        d = width // attn.heads
+        q = q.reshape(b, n, attn.heads, d).permute(0, 2, 1, 3)
+        k = k.reshape(b, k.shape[1], attn.heads, d).permute(0, 2, 1, 3)
+        expected = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / d**0.5, dim=-1)
+        stored = capture.attention[name]
+        assert stored.dtype == torch.float32
+        assert stored.shape == (b, attn.heads, n, 77)
+        torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_processors_installed_only_on_chosen_layers_and_restored(tiny: MapDiff) -> None:
+    before = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
+    chosen = set(tiny.attention_layers)
+    with capture_cross_attention(tiny.unet, tiny.attention_layers):
+        during = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
+        for name, processor in during.items():
+            if name in chosen:
+                assert isinstance(processor, AttentionProbabilityProcessor)
+            else:
+                assert processor is before[name]  # every other layer keeps its fast kernel
+    after = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
+    assert all(after[n] is before[n] for n in before)
+    with pytest.raises(RuntimeError), capture_cross_attention(tiny.unet, tiny.attention_layers):
+        raise RuntimeError("interrupted")
+    assert all(m.processor is before[n] for n, m in tiny.unet.named_modules() if n in before)
+
+
+def test_cross_attention_layers_by_prefix(tiny: MapDiff) -> None:
+    layers = cross_attention_layers(tiny.unet, ["up_blocks.2", "up_blocks.1"])
+    assert layers == tiny.attention_layers  # execution order, whatever the order asked
+    assert all(name.endswith(".attn2") for name in layers)
+    assert {name.split(".attentions")[0] for name in layers} == {"up_blocks.1", "up_blocks.2"}
+    one = cross_attention_layers(tiny.unet, ["up_blocks.1.attentions.0"])
+    assert one == ["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
+    with pytest.raises(ConfigError, match="up_blocks.0"):
+        cross_attention_layers(tiny.unet, ["up_blocks.0"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# early exit
+
+
+def test_stop_block_follows_the_unet_execution_order() -> None:
+    layer = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
+    assert stop_block(["up_blocks.1", layer]) == "up_blocks.2"
+    assert stop_block(["mid_block.attentions.0", "down_blocks.3"]) == "mid_block"
+    assert stop_block(["down_blocks.1", "up_blocks.0.resnets.1"]) == "up_blocks.0"
+    assert stop_block(["up_blocks.1", "conv_out"]) is None  # an output layer needs the full pass
+
+
+def test_early_exit_gives_the_maps_of_a_full_pass(tiny: MapDiff, batch) -> None:
+    calls = []
+    handle = tiny.unet.up_blocks[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = tiny.run_unet(batch["sample"], batch["states"], early_exit=True)
+        assert not calls and early.noise_pred is None  # up_blocks.3 and the output layers were skipped
+        full = tiny.run_unet(batch["sample"], batch["states"], early_exit=False)
+        assert calls and full.noise_pred is not None
+    finally:
+        handle.remove()
+    assert early.attention.keys() == full.attention.keys()
+    for name in full.attention:
+        assert torch.equal(early.attention[name], full.attention[name])
+    for name in full.features:
+        assert torch.equal(early.features[name], full.features[name])
+    refs, queries = images(2, seed=1), images(2, seed=2)
+    maps = [variant(tiny, early_exit=e).fit("screw", refs).predict(queries) for e in (True, False)]
+    for key in ("diff_L", "diff_V"):
+        assert torch.equal(maps[0][key], maps[1][key])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompts and tokens
+
+
+def test_state_word_positions_single_token(tiny: MapDiff) -> None:
+    prompt = tiny.tokenize_prompt("metal nut", "damage")
+    ids = prompt.input_ids[0].tolist()
+    word = tiny.tokenizer("damage", add_special_tokens=False).input_ids
+    assert prompt.text == "a close-up cropped png photo of a metal nut with damage"
+    assert len(word) == 1
+    assert prompt.state_positions == (prompt.end_position - 1,)  # last word, just before the end token
+    assert [ids[p] for p in prompt.state_positions] == word
+    assert ids[0] == 49406 and ids[prompt.end_position] == 49407
+
+
+@pytest.mark.parametrize("state", ["discolouration", "contamination damage"])
+def test_state_word_positions_multi_token(tiny: MapDiff, state: str) -> None:
+    word = tiny.tokenizer(state, add_special_tokens=False).input_ids
+    assert len(word) > 1  # the point of this test: CLIP's BPE splits these
+    for obj in ("screw", "chewinggum"):  # objects of one and of several tokens shift the positions
+        prompt = tiny.tokenize_prompt(obj, state)
+        ids = prompt.input_ids[0].tolist()
+        first = prompt.state_positions[0]
+        assert prompt.state_positions == tuple(range(first, first + len(word)))
+        assert [ids[p] for p in prompt.state_positions] == word
+        assert prompt.state_positions[-1] == prompt.end_position - 1
+        assert tiny.tokenizer.decode([ids[p] for p in prompt.state_positions]) == state
+
+
+def test_state_word_inside_the_template(tiny: MapDiff) -> None:
+    branch = variant(tiny, prompt_template="{state} on a {object}, close-up")
+    prompt = branch.tokenize_prompt("pipe fryum", "discolouration")
+    assert prompt.state_positions == (1, 2, 3, 4)
+    glued = variant(tiny, prompt_template="a photo of a {object} with {state}ed parts")
+    with pytest.raises(ConfigError, match="state word"):  # "damaged" is one token, not "damage" + "ed"
+        glued.tokenize_prompt("screw", "damage")
+
+
+def test_prompt_embeddings_are_cached_and_text_encoder_can_be_released(tiny: MapDiff) -> None:
+    branch = variant(tiny)
+    branch.fit("hazelnut", [])
+    cached = branch.prompt_embeddings("hazelnut", "damage")
+    assert cached.shape == (1, 77, tiny.unet.config.cross_attention_dim)
+    branch.release_text_encoder()
+    assert branch.text_encoder is None
+    assert branch.prompt_embeddings("hazelnut", "damage") is cached
+    out = branch.fit("hazelnut", []).predict(images(1))
+    assert "diff_L" in out
+    with pytest.raises(ClipfusionError, match="released"):
+        branch.fit("carpet", [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# maps
+
+
+def test_zero_shot_and_few_shot_outputs(tiny: MapDiff) -> None:
+    branch = variant(tiny)
+    size = branch.config.output_size
+    zero = branch.fit("bottle", []).predict(images(3))
+    assert set(zero) == {"diff_L"}
+    assert zero["diff_L"].shape == (3, size, size) and zero["diff_L"].dtype == torch.float32
+    assert float(zero["diff_L"].min()) >= 0.0 and float(zero["diff_L"].max()) <= 1.0
+    assert float(zero["diff_L"].std()) > 0
+    few = branch.fit("bottle", images(2, seed=5)).predict(images(3))
+    assert set(few) == {"diff_L", "diff_V"} and branch.shots == 2
+    assert few["diff_V"].shape == (3, size, size) and few["diff_V"].dtype == torch.float32
+    assert float(few["diff_V"].min()) >= 0.0 and float(few["diff_V"].std()) > 0
+    torch.testing.assert_close(few["diff_L"], zero["diff_L"])  # the bank does not touch the language map
+    # a reference is at distance ~0 from itself: the same noise and prompt give the same features
+    itself = branch.predict(images(2, seed=5))["diff_V"]
+    assert float(itself.abs().max()) < 1e-4
+
+
+def test_normalisers_bound_and_order_the_maps(tiny: MapDiff) -> None:
+    queries = images(2)
+    maps = {
+        m: variant(tiny, attention_normaliser=m).fit("tile", []).predict(queries)["diff_L"]
+        for m in ("words", "prompt", "sequence")
+    }
+    # the normalising sets are nested (words ⊂ words + end token ⊂ every position after the start token)
+    assert torch.all(maps["words"] >= maps["prompt"] - 1e-6)
+    assert torch.all(maps["prompt"] >= maps["sequence"] - 1e-6)
+    assert all(float(m.max()) <= 1.0 for m in maps.values())
+
+
+def test_deterministic_and_independent_of_batch_size(tiny: MapDiff) -> None:
+    refs, queries = images(2, seed=3), images(3, seed=4)
+    one = variant(tiny, batch_size=1).fit("cable", refs).predict(queries)
+    again = variant(tiny, batch_size=1).fit("cable", refs).predict(queries)
+    two = variant(tiny, batch_size=2).fit("cable", refs).predict(queries)  # batches of 2 and 1
+    for key in ("diff_L", "diff_V"):
+        assert torch.equal(one[key], again[key])
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_state_words_are_averaged(tiny: MapDiff) -> None:
+    queries = images(2)
+    single = [
+        variant(tiny, state_words=[w]).fit("wood", []).predict(queries)["diff_L"] for w in ("damage", "flaw")
+    ]
+    both = variant(tiny, state_words=["damage", "flaw"]).fit("wood", []).predict(queries)["diff_L"]
+    torch.testing.assert_close(both, (single[0] + single[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_draws_are_seeded_and_averaged(tiny: MapDiff) -> None:
+    refs, queries = images(1, seed=8), images(1, seed=9)
+    two = variant(tiny, n_noise=2).fit("grid", refs).predict(queries)
+    other_seed = variant(tiny, n_noise=2, seed=1).fit("grid", refs).predict(queries)
+    one = variant(tiny, n_noise=1).fit("grid", refs).predict(queries)
+    assert not torch.allclose(two["diff_V"], other_seed["diff_V"])
+    assert not torch.allclose(two["diff_V"], one["diff_V"])
+    assert float(two["diff_L"].max()) <= 1.0
+
+
+def test_tensor_and_pil_inputs_agree(tiny: MapDiff) -> None:
+    branch = variant(tiny).fit("leather", [])
+    size = branch.config.image_size
+    pil = [img.resize((size, size), Image.BILINEAR) for img in images(2)]
+    tensor = torch.from_numpy(np.stack([np.asarray(i) for i in pil])).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(branch.preprocess(tensor), branch.preprocess(pil))
+    torch.testing.assert_close(branch.predict(tensor)["diff_L"], branch.predict(pil)["diff_L"])
+
+
+def test_predict_before_fit_is_refused(tiny: MapDiff) -> None:
+    with pytest.raises(ClipfusionError, match="fit"):
+        variant(tiny).predict(images(1))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"attention_blocks": ["up_blocks.0"]}, "no cross-attention"),
+        ({"attention_blocks": ["up_blocks.9"]}, "no cross-attention"),
+        ({"feature_blocks": ["up_blocks.7"]}, "not a module"),
+        ({"timestep": 1000}, "timestep"),
+        ({"timestep": -1}, "timestep"),
+        ({"image_size": 120}, "multiple of 16"),
+        ({"n_noise": 0}, "n_noise"),
+        ({"state_words": []}, "state_words"),
+        ({"state_words": [" "]}, "state_words"),
+        ({"prompt_template": "a photo of a {object}"}, "state"),
+        ({"prompt_template": "a {thing} with {state}"}, "prompt_template"),
+        ({"attention_normaliser": "softmax"}, "attention_normaliser"),
+        ({"architecture": "sdxl"}, "architecture"),
+        ({"weights": "downloaded"}, "weights"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"no_such_option": 1}, "unknown option"),
+    ],
+)
+def test_bad_options_are_config_errors(tiny: MapDiff, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        variant(tiny, **options)
+
+
+def test_from_preset_rejects_float16_on_cpu() -> None:
+    with pytest.raises(ConfigError, match="float16"):
+        MapDiff.from_preset("tiny", device="cpu", dtype="float16")
+
+
+def test_paper_defaults_are_those_of_method_md() -> None:
+    cfg = load_preset("paper").diffusion
+    assert (cfg.image_size, cfg.timestep, cfg.n_noise, cfg.state_words) == (512, 100, 1, ("damage",))
+    assert cfg.prompt_template == "a close-up cropped png photo of a {object} with {state}"
+    assert cfg.attention_blocks == ("up_blocks.1", "up_blocks.2") and cfg.feature_blocks == ("up_blocks.1",)
+
+
+def test_bfloat16_maps_follow_float32(tiny: MapDiff) -> None:
+    refs, queries = images(2, seed=11), images(2, seed=12)
+    reference = variant(tiny).fit("pill", refs).predict(queries)
+    bf16 = MapDiff.from_preset("tiny", device="cpu", dtype="bfloat16").fit("pill", refs).predict(queries)
+    for key in ("diff_L", "diff_V"):
+        assert bf16[key].dtype == torch.float32 and torch.isfinite(bf16[key]).all()
+        corr = np.corrcoef(bf16[key].flatten().numpy(), reference[key].flatten().numpy())[0, 1]
+        assert corr >= 0.99, (key, corr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plumbing: random features localise obvious synthetic defects
+
+
+def test_few_shot_random_features_localise_synthetic_defects(tiny: MapDiff, synthetic_root) -> None:
+    """k = 4 references from train, the whole test split; pixel AUROC of diff_V per category.
+
+    Random weights know nothing about defects; a nearest-neighbour distance on their features still finds
+    regions unlike every reference, if and only if the images, latents, noise, hooks and bank line up.
+    """
+    from clipfusion.data import SYNTHETIC_CATEGORIES, FolderDataset, load_image, load_mask, sample_references
+    from clipfusion.metrics import pixel_metrics
+
+    branch = variant(tiny, batch_size=8)
+    size = branch.config.output_size
+    scores = {}
+    for category in SYNTHETIC_CATEGORIES:
+        train = FolderDataset(synthetic_root / category, "train")
+        test = FolderDataset(synthetic_root / category, "test")
+        references = [load_image(s.image_path) for s in sample_references(train, 4, seed=0)]
+        maps = branch.fit(category.replace("_", " "), references).predict(
+            [load_image(s.image_path) for s in test]
+        )
+        masks = np.stack(
+            [
+                load_mask(s.mask_path, size=(size, size)) if s.mask_path else np.zeros((size, size), bool)
+                for s in test
+            ]
+        )
+        assert masks.any() and not masks.all()
+        scores[category] = pixel_metrics(masks, maps["diff_V"].numpy())["auroc"]
+    assert min(scores.values()) >= 0.9, scores
