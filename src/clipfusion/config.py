@@ -105,7 +105,8 @@ class MapDiffConfig:
         # value checks only; those that need the model (block names, timestep range) are made by MapDiff
         problems = []
         if self.architecture not in self.ARCHITECTURES:
-            problems.append(f"architecture {self.architecture!r} is not one of {', '.join(self.ARCHITECTURES)}")
+            known = ", ".join(self.ARCHITECTURES)
+            problems.append(f"architecture {self.architecture!r} is not one of {known}")
         if self.weights not in self.WEIGHTS:
             problems.append(f"weights {self.weights!r} is not one of {', '.join(self.WEIGHTS)}")
         if self.attention_normaliser not in self.ATTENTION_NORMALISERS:
