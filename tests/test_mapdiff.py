@@ -14,7 +14,7 @@ from clipfusion.branches.attention import (
 )
 from clipfusion.branches.mapdiff import MapDiff, stop_block
 from clipfusion.config import load_preset, with_overrides
-from clipfusion.errors import ClipfusionError, ConfigError
+from clipfusion.errors import ClipfusionError, ConfigError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +285,15 @@ def test_tensor_and_pil_inputs_agree(tiny: MapDiff) -> None:
 def test_predict_before_fit_is_refused(tiny: MapDiff) -> None:
     with pytest.raises(ClipfusionError, match="fit"):
         variant(tiny).predict(images(1))
+
+
+def test_a_failed_fit_leaves_the_branch_unfitted(tiny: MapDiff) -> None:
+    branch = variant(tiny).fit("wood", images(1))
+    with pytest.raises(InputError):
+        branch.fit("tile", [*images(1), "not an image"])
+    assert branch.object_name is None and branch.bank is None and branch.shots == 0
+    with pytest.raises(ClipfusionError, match="fit"):
+        branch.predict(images(1))
 
 
 @pytest.mark.parametrize(

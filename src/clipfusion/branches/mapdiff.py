@@ -453,15 +453,22 @@ class MapDiff:
         """
         if not object_name or not object_name.strip():
             raise InputError("the object name must not be empty")
-        self.object_name = object_name
-        self.prompts = {state: self.tokenize_prompt(object_name, state) for state in self.config.state_words}
+        # a failed fit leaves the branch unfitted, never half-fitted with another object's prompts or bank
+        self.object_name, self.bank, self._n_references = None, None, 0
+        prompts = {state: self.tokenize_prompt(object_name, state) for state in self.config.state_words}
         for state in self.config.state_words:
             self.prompt_embeddings(object_name, state)
-        self.bank = None
-        self._n_references = 0
+        self.object_name, self.prompts = object_name, prompts
         if references is None or len(references) == 0:
             return self
-        pixels = self.preprocess(references)
+        try:
+            self._build_bank(self.preprocess(references))
+        except BaseException:
+            self.object_name, self.bank = None, None
+            raise
+        return self
+
+    def _build_bank(self, pixels: torch.Tensor) -> None:
         parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
         for start in range(0, pixels.shape[0], self.config.batch_size):
             for state, draw, capture in self._passes(
@@ -474,7 +481,6 @@ class MapDiff:
             key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
         }
         self._n_references = int(pixels.shape[0])
-        return self
 
     def predict(self, images: Images) -> dict[str, torch.Tensor]:
         """``diff_L`` and, after a few-shot fit, ``diff_V``: float32 ``(N, S, S)`` on the CPU.
