@@ -386,10 +386,30 @@ def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path, loader):
 
 
 def test_load_image_refuses_decompression_bombs(tmp_path, monkeypatch):
+    import clipfusion.data.images as images
+
     path = _save(tmp_path / "big.png", _rgb(0, (64, 64)))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels > 2 * 100: Pillow's hard limit
-    with pytest.raises(InputError, match=r"big\.png: image too large"):
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)  # 4096 pixels > 100
+    with pytest.raises(InputError, match=r"big\.png: image too large \(64×64 pixels"):
         load_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_large_images_are_reduced_not_refused(tmp_path, monkeypatch, suffix):
+    import clipfusion.data.images as images
+
+    monkeypatch.setattr(images, "MAX_SIDE", 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own bomb limit no longer applies
+    path = _save(tmp_path / f"wide{suffix}", _rgb(0, (128, 64)))
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (32, 16)
+
+
+def test_min_side_refuses_images_too_small_for_the_models(tmp_path):
+    path = _save(tmp_path / "tiny.png", _rgb(0, (40, 20)))
+    assert load_image(path).size == (40, 20)
+    with pytest.raises(InputError, match=r"tiny\.png: image too small \(40×20 pixels; at least 32"):
+        load_image(path, min_side=32)
 
 
 # ---------------------------------------------------------------------------------------------- load_mask

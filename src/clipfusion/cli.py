@@ -145,12 +145,12 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[str]]:
 
 def check_images(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
     """Decode every image once before any model work, so all problems are reported together."""
-    from clipfusion.data import load_image
+    from clipfusion.data.images import MIN_SIDE, load_image
 
     good, problems = [], []
     for path in files:
         try:
-            load_image(path)
+            load_image(path, min_side=MIN_SIDE)
             good.append(path)
         except InputError as exc:
             problems.append(str(exc))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
 
 ImageLike = str | Path | Image.Image
@@ -37,11 +37,14 @@ class AnomalyResult:
 
 
 def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
-    from clipfusion.data import load_image
+    from clipfusion.data.images import MIN_SIDE, load_image
 
     if isinstance(item, Image.Image):
+        if min(item.size) < MIN_SIDE:
+            width, height = item.size
+            raise InputError(f"<PIL image {width}×{height}>: image too small (at least {MIN_SIDE} px a side)")
         return item.convert("RGB"), None
-    return load_image(item), str(item)
+    return load_image(item, min_side=MIN_SIDE), str(item)
 
 
 class CLIPFusion:

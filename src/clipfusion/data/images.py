@@ -15,6 +15,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipfusion.errors import ConfigError, InputError
 
+#: Images are refused above this many pixels (a 20000 × 20000 line-scan frame passes; a crafted 10⁵ × 10⁵
+#: PNG that would need 30 GB does not). Pillow's own, lower bomb limit is replaced by this one.
+MAX_PIXELS = 400_000_000
+#: Larger images are reduced to this longer side when read: the models see at most 512 px, and overlays
+#: and reports do not need more, so memory stays bounded whatever the camera.
+MAX_SIDE = 4096
+#: What the detector and the CLI ask of an image (``load_image(path, min_side=MIN_SIDE)``): smaller images
+#: carry too little to upsample to the models' input size meaningfully.
+MIN_SIDE = 32
+
 
 def _fail(path: Path, problem: str) -> InputError:
     one_line = " ".join(str(problem).split())
@@ -24,9 +34,9 @@ def _fail(path: Path, problem: str) -> InputError:
 def _open_fully(path: str | Path) -> Image.Image:
     """Open and decode the whole file, so truncation or corruption surfaces here and not mid-batch.
 
-    Pillow's decompression-bomb protection stays on with its own limit (``Image.MAX_IMAGE_PIXELS``, about
-    89 megapixels warns, twice that fails); a file over it is reported as an :class:`InputError`. Benchmark
-    images are around one megapixel, so a legitimate file never comes close.
+    Decompression-bomb protection: the header's size is checked against :data:`MAX_PIXELS` before any
+    pixel is decoded; JPEGs over :data:`MAX_SIDE` are decoded at a reduced scale (``draft``), so a large
+    camera frame costs a fraction of its full size in memory.
     """
     path = Path(path)
     if not path.exists():
@@ -39,6 +49,8 @@ def _open_fully(path: str | Path) -> Image.Image:
         raise _fail(path, f"cannot read file ({exc.strerror or exc})") from exc
     if size == 0:
         raise _fail(path, "empty file (0 bytes)")
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below; Pillow's would refuse legitimate large frames
     try:
         image = Image.open(path)
     except UnidentifiedImageError as exc:
@@ -47,6 +59,16 @@ def _open_fully(path: str | Path) -> Image.Image:
         raise _fail(path, f"image too large, refused as a possible decompression bomb ({exc})") from exc
     except OSError as exc:
         raise _fail(path, f"cannot open image ({exc.strerror or exc})") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise _fail(
+            path, f"image too large ({width}×{height} pixels; the limit is {MAX_PIXELS // 10**6} megapixels)"
+        )
+    if max(width, height) > MAX_SIDE and image.format == "JPEG":
+        image.draft(image.mode, (MAX_SIDE, MAX_SIDE))
     try:
         image.load()
         # EXIF orientation: cameras store the sensor's pixels and a rotation flag; people (and masks drawn
@@ -97,7 +119,7 @@ def _high_bit_depth_gray_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(_to_uint8(values, full_scale=1.0 if in_unit else None))
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Read an image as an 8-bit RGB PIL image, upright.
 
     - Grayscale (``1``, ``L``, 16-bit ``I;16``, 32-bit ``I``, float ``F``) is replicated into three channels;
@@ -109,24 +131,38 @@ def load_image(path: str | Path) -> Image.Image:
     - CMYK, YCbCr and other colour modes go through Pillow's conversion to RGB.
     - EXIF orientation is applied (``ImageOps.exif_transpose``).
 
-    Raises :class:`InputError` ``"<path>: <problem>"`` for a missing, empty, truncated, corrupt, non-image or
-    absurdly large file (Pillow's decompression-bomb limit stays on).
+    - Images over :data:`MAX_SIDE` on the longer side are reduced to it (aspect kept).
+
+    Raises :class:`InputError` ``"<path>: <problem>"`` for a missing, empty, truncated, corrupt or non-image
+    file, one over :data:`MAX_PIXELS`, or one with a side under ``min_side`` when that is given.
     """
     path = Path(path)
     image = _open_fully(path)
+    if min_side is not None and min(image.size) < min_side:
+        width, height = image.size
+        raise _fail(
+            path, f"image too small ({width}×{height} pixels; at least {min_side} per side are needed)"
+        )
     try:
-        mode = image.mode
-        if mode == "RGB":
-            return image
-        if mode in ("I", "F") or mode.startswith("I;16"):
-            return _high_bit_depth_gray_to_l(image).convert("RGB")
-        if mode in ("P", "PA"):
-            return image.convert("RGBA").convert("RGB")
-        if mode in ("LA", "La"):
-            return image.convert("L").convert("RGB")
-        return image.convert("RGB")
+        rgb = _to_rgb(image)
     except (ValueError, OSError) as exc:
         raise _fail(path, f"cannot convert image mode {image.mode} to RGB ({exc})") from exc
+    if max(rgb.size) > MAX_SIDE:
+        rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return rgb
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _high_bit_depth_gray_to_l(image).convert("RGB")
+    if mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")
+    if mode in ("LA", "La"):
+        return image.convert("L").convert("RGB")
+    return image.convert("RGB")
 
 
 def _is_width_height(size: object) -> bool:
