@@ -105,7 +105,7 @@ def test_bad_root_and_too_many_shots_fail_before_any_model_work(synthetic_root, 
     calls = []
     with pytest.raises(InputError, match="does not exist"):
         evaluate("folder", tmp_path / "nope", tmp_path / "o", config=config, detector_factory=_factory(calls))
-    with pytest.raises(InputError, match="only 8 images"):
+    with pytest.raises(InputError, match="only 8 usable images"):
         evaluate(
             "folder",
             synthetic_root,
@@ -118,3 +118,57 @@ def test_bad_root_and_too_many_shots_fail_before_any_model_work(synthetic_root, 
     with pytest.raises(InputError, match="no product folder"):
         evaluate("folder", tmp_path, tmp_path / "o", config=config, detector_factory=_factory(calls))
     assert calls == []
+
+
+def _copy_category(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_file_problem_is_reported_at_once_and_skip_bad_leaves_them_out(
+    synthetic_root, tmp_path, config
+):
+    from PIL import Image
+
+    from clipfusion.errors import InputErrors
+
+    product = _copy_category(synthetic_root / "bottle_cap", tmp_path / "data" / "bottle_cap")
+    (product / "train" / "good" / "000.png").write_bytes(b"")  # empty
+    (product / "test" / "good" / "001.png").write_text("not a png")  # not an image
+    masks = sorted((product / "ground_truth").rglob("*_mask.png"))
+    Image.new("L", (7, 9)).save(masks[0])  # mask size differs from its image
+    calls = []
+    with pytest.raises(InputErrors) as info:
+        evaluate(
+            "folder",
+            product,
+            tmp_path / "o",
+            config=config,
+            shots=[1],
+            progress=False,
+            detector_factory=_factory(calls),
+            log=lambda _m: None,
+        )
+    problems = info.value.problems
+    assert any("000.png: empty file" in p for p in problems)
+    assert any("001.png" in p for p in problems)
+    assert any(masks[0].name in p and "mask is 7×9" in p for p in problems)
+    assert "--skip-bad" in problems[-1]
+    assert calls == []
+
+    runs = evaluate(
+        "folder",
+        product,
+        tmp_path / "o",
+        config=config,
+        shots=[1],
+        progress=False,
+        detector_factory=_factory(calls),
+        log=lambda _m: None,
+        skip_bad=True,
+    )
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(data["skipped"]) == 3
+    assert runs[0]["n_test"] == 12 - 2

@@ -28,7 +28,8 @@ RANDOM_WEIGHTS_BANNER = (
 
 
 def _err(message: str) -> None:
-    print(f"clipfusion: error: {message}", file=sys.stderr)
+    for line in str(message).splitlines() or [""]:
+        print(f"clipfusion: error: {line}", file=sys.stderr)
 
 
 # -- options shared by the commands --
@@ -111,6 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=lambda msg: print(msg, file=sys.stderr),
         note=f"**{note}**" if note else "",
+        skip_bad=args.skip_bad,
     )
     print((out / "summary.md").read_text(encoding="utf-8"))
     print(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}", file=sys.stderr)
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="reference-sampling seeds (default: 0)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out, listing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(p)
     p.set_defaults(func=cmd_evaluate)

@@ -25,3 +25,11 @@ class WeightsUnavailableError(ClipfusionError):
 
 class MetricError(ClipfusionError):
     """Scores or maps that no metric can be computed from (one class only, NaN, mismatched shapes)."""
+
+
+class InputErrors(InputError):
+    """Several input problems found in one pass, reported together (one line each) rather than one per run."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

@@ -235,6 +235,53 @@ def run_plan(categories: Sequence[str], shots: Sequence[int], seeds: Sequence[in
     return plan
 
 
+def check_dataset(
+    kind: str,
+    root: str | Path,
+    categories: Sequence[str],
+    shots: Sequence[int],
+    *,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> tuple[dict[str, tuple[list[Any], list[Any]]], list[str]]:
+    """Open every category's splits and decode every image and mask header; report all problems at once.
+
+    Returns ``{category: (train, test)}`` and the problems that ``skip_bad`` let through. Layout problems
+    (missing folders, unknown categories, too few references for k) always stop the run.
+    """
+    from clipfusion.errors import ClipfusionError, InputErrors
+    from clipfusion.validation import check_samples
+
+    layout: list[str] = []
+    files: list[str] = []
+    splits: dict[str, tuple[list[Any], list[Any]]] = {}
+    for category in categories:
+        try:
+            train = list(open_split(kind, root, category, "train"))
+            test = list(open_split(kind, root, category, "test"))
+        except ClipfusionError as exc:
+            layout.append(str(exc))
+            continue
+        train, bad_train = check_samples(train, progress, desc=f"checking {category} train")
+        test, bad_test = check_samples(test, progress, desc=f"checking {category} test")
+        files += bad_train + bad_test
+        if not test:
+            layout.append(f"{category}: the test split has no usable images")
+        elif not any(s.label == 0 for s in test) or not any(s.label == 1 for s in test):
+            layout.append(f"{category}: the test split needs normal and anomalous images for the metrics")
+        for k in shots:
+            if k > len(train):
+                layout.append(
+                    f"{category}: {k} references asked for, but the train split has only {len(train)} "
+                    "usable images"
+                )
+        splits[category] = (train, test)
+    if layout or (files and not skip_bad):
+        hint = [] if skip_bad or not files else ["(use --skip-bad to leave unreadable images out)"]
+        raise InputErrors(layout + files + hint)
+    return splits, files
+
+
 def evaluate(
     kind: str,
     root: str | Path,
@@ -250,28 +297,21 @@ def evaluate(
     detector_factory: Callable[[CLIPFusionConfig], Any] | None = None,
     log: Callable[[str], None] = print,
     note: str = "",
+    skip_bad: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the protocol and return every run's row (including ones resumed from ``out_dir``).
 
-    The data set is checked before any model is loaded: every category's train and test split opens
-    and every k is available, so a bad ``--root`` fails in seconds, not after the first category.
+    The data set is checked (:func:`check_dataset`) before any model is loaded; with ``skip_bad`` unreadable
+    images are left out (and listed in ``results.json``) instead of stopping the run.
     """
     from clipfusion.data import load_mask, sample_references
     from clipfusion.metrics import image_metrics, pixel_metrics
 
     names = dataset_categories(kind, root, categories)
     plan = run_plan(names, shots, seeds)
-    splits = {}
-    for category in names:
-        train, test = open_split(kind, root, category, "train"), open_split(kind, root, category, "test")
-        if len(test) == 0:
-            raise InputError(f"{test.root}: the test split of {category!r} has no images")
-        for k in shots:
-            if k > len(train):
-                raise InputError(
-                    f"{category}: {k} references asked for, but the train split has only {len(train)} images"
-                )
-        splits[category] = (train, test)
+    splits, skipped = check_dataset(kind, root, names, shots, skip_bad=skip_bad, progress=progress)
+    for line in skipped:
+        log(f"skipped: {line}")
 
     header = {
         "dataset": kind,
@@ -279,6 +319,7 @@ def evaluate(
         "config": config.to_dict(),
         "versions": software_versions(),
         "protocol": {"shots": list(shots), "seeds": list(seeds), "zero_shot_runs_once": True},
+        "skipped": skipped,
     }
     store = ResultStore(out_dir, header, resume, note=note)
     done = store.done()
