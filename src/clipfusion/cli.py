@@ -197,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     detector = CLIPFusion(config)
-    detector.fit(args.object, refs)
+    detector.fit(args.object, refs).release_text_encoders()
     progress = not args.no_progress
 
     threshold, pixel_threshold = args.threshold, args.pixel_threshold

@@ -73,7 +73,8 @@ class MapDiffConfig:
     up_blocks.1), ``attention_normaliser`` ("prompt": the state-word attention divided by the attention on
     every prompt token but the start token, i.e. the words and the end token; "words": the words only;
     "sequence": all 76 positions after the start token, padding included) and ``early_exit`` (stop the UNet
-    after the last block a map reads; the maps are identical, the time is not).
+    after the last block a map reads; the maps are identical, the time is not) and ``channels_last`` (the VAE
+    convolves in NHWC layout: same values up to rounding, faster on CPUs and GPUs).
     """
 
     model: str = "stabilityai/stable-diffusion-2-inpainting"
@@ -91,6 +92,7 @@ class MapDiffConfig:
     feature_blocks: tuple[str, ...] = ("up_blocks.1",)
     attention_normaliser: str = "prompt"
     early_exit: bool = True
+    channels_last: bool = True
     output_size: int = 256
     batch_size: int = 4
     device: str = "auto"

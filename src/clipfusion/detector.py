@@ -123,6 +123,32 @@ class CLIPFusion:
         self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
         return self
 
+    def prepare(self, object_names: Iterable[str]) -> CLIPFusion:
+        """Compute and cache the prompt features of every object name, e.g. before
+        :meth:`release_text_encoders` in a run over several categories."""
+        from clipfusion.data import object_name as to_object_name
+
+        for raw in object_names:
+            name = to_object_name(raw, self.config.object_names)
+            if hasattr(self.clip, "text_features"):
+                self.clip.text_features(name)
+            if hasattr(self.diffusion, "prompt_embeddings"):
+                for state in self.diffusion.config.state_words:
+                    self.diffusion.prompt_embeddings(name, state)
+        return self
+
+    def release_text_encoders(self) -> CLIPFusion:
+        """Free both text encoders (≈ 1.8 GB in float32 for the paper models) once every object name that
+        will be used has been fitted or prepared; scoring images needs only the image towers."""
+        if hasattr(self.clip, "release_text_tower"):
+            self.clip.release_text_tower()
+        if hasattr(self.diffusion, "release_text_encoder"):
+            self.diffusion.release_text_encoder()
+        import gc
+
+        gc.collect()
+        return self
+
     def predict(
         self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
     ) -> list[AnomalyResult]:

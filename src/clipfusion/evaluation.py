@@ -333,6 +333,9 @@ def evaluate(
     from clipfusion.detector import CLIPFusion
 
     detector = (detector_factory or CLIPFusion)(config)
+    if hasattr(detector, "release_text_encoders"):
+        # every category's prompts are computed now; the text encoders are then dead weight
+        detector.prepare(dict.fromkeys(key.category for key in todo)).release_text_encoders()
     size = config.output_size
     for index, key in enumerate(todo, 1):
         train, test = splits[key.category]

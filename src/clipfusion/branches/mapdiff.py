@@ -144,6 +144,12 @@ class MapDiff:
         from clipfusion.models.diffusion import load_diffusion_components
 
         components = load_diffusion_components(config, cache_dir=cache_dir, local_files_only=local_files_only)
+        vae = components.vae
+        # the branch only encodes: the decoder (a third of the VAE) is dead weight here
+        vae.decoder = None
+        vae.post_quant_conv = None
+        if config.channels_last:
+            vae.to(memory_format=torch.channels_last)
         return cls(**components.modules(), config=config)
 
     @classmethod
@@ -316,8 +322,12 @@ class MapDiff:
         empty-mask conditioning are these same latents, so one encode serves both.
         """
         vae_param = next(self.vae.parameters())
+        pixels = pixels.to(device=vae_param.device, dtype=vae_param.dtype)
+        if self.config.channels_last:
+            # oneDNN and cuDNN convolve NHWC without reordering every activation (~15 % of the VAE on a CPU)
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            posterior = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+            posterior = self.vae.encode(pixels).latent_dist
             z0 = posterior.mean.float() * float(self.vae.config.scaling_factor)
         return z0.to(self.device)
 

@@ -184,6 +184,11 @@ class PatchCLIP:
         cached = self._text_cache.get(object_name)
         if cached is not None:
             return cached
+        if self.text_released:
+            raise ClipfusionError(
+                f"the CLIP text tower was released to save memory; {object_name!r} was not prepared before "
+                "(prepare every object name before release_text_tower)"
+            )
         rows = []
         with torch.inference_mode():
             for prompts in clip_prompt_ensemble(object_name):
@@ -195,6 +200,24 @@ class PatchCLIP:
             features = F.normalize(torch.stack(rows), dim=-1)
         self._text_cache[object_name] = features
         return features
+
+    @property
+    def text_released(self) -> bool:
+        return getattr(self.model, "transformer", None) is None
+
+    def release_text_tower(self) -> None:
+        """Free the text tower once every object's text features are cached (a third of ViT-B-16+'s weights).
+
+        Only the image tower is needed to score images; asking for an object whose features were not cached
+        afterwards is a clear error rather than a silent reload.
+        """
+        for name in ("transformer", "token_embedding", "ln_final"):
+            if hasattr(self.model, name):
+                setattr(self.model, name, None)
+        for name in ("positional_embedding", "text_projection"):
+            if isinstance(getattr(self.model, name, None), torch.nn.Parameter):
+                delattr(self.model, name)
+                setattr(self.model, name, None)
 
     # -----------------------------------------------------------------------------------------------------
     # stages, public so that a speed harness can time them one by one
