@@ -44,3 +44,11 @@ def test_channels_last_vae_gives_the_same_maps():
     assert fast.keys() == plain.keys()
     for key in fast:
         torch.testing.assert_close(fast[key], plain[key], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_vae_encoder_gives_the_same_latents():
+    md = MapDiff.from_preset("tiny", compile=True)
+    pixels = md.preprocess(_images(1, 5))
+    compiled = md.encode_latents(pixels)
+    plain = MapDiff.from_preset("tiny").encode_latents(pixels)
+    torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=1e-4)
