@@ -122,3 +122,49 @@ def test_mask_thresholds_the_fused_map():
     result = AnomalyResult(score=0.5, anomaly_map=np.array([[0.1, 0.9]], dtype=np.float32), maps={})
     assert result.mask(0.5).tolist() == [[False, True]]
     assert torch.is_tensor(torch.as_tensor(result.anomaly_map))
+
+
+class _OomAbove(FakeBranch):
+    """Runs out of memory on batches larger than ``limit`` images, like a GPU would."""
+
+    def __init__(self, kind, limit):
+        super().__init__(kind)
+        self.limit = limit
+
+    def predict(self, images):
+        if len(images) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().predict(images)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_results():
+    config = load_preset("tiny").replace(output_size=32)
+    det = CLIPFusion(config, clip=_OomAbove("clip", limit=2), diffusion=FakeBranch("diffusion"))
+    images = _images(5, seed=6)
+    with pytest.warns(UserWarning, match="retrying with batch size 2"):
+        results = det.fit("bottle").predict(images, batch_size=8)
+    expected = fake_detector(config).fit("bottle").predict(images, batch_size=8)
+    assert len(results) == 5
+    for a, b in zip(results, expected, strict=True):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+
+
+def test_out_of_memory_at_one_image_is_a_clear_error():
+    from clipfusion.errors import ClipfusionError
+
+    det = CLIPFusion(load_preset("tiny"), clip=_OomAbove("clip", limit=0), diffusion=FakeBranch("diffusion"))
+    with (
+        pytest.raises(ClipfusionError, match="out of memory with one image per batch"),
+        pytest.warns(UserWarning),
+    ):
+        det.fit("bottle").predict(_images(2), batch_size=2)
+
+
+def test_the_detector_batch_size_caps_the_branch_batches_for_the_call():
+    det = CLIPFusion.from_preset("tiny", use_diffusion=False)
+    assert det.clip.config.batch_size == 8
+    seen = []
+    original = det.clip.features
+    det.clip.features = lambda imgs: seen.append(len(imgs)) or original(imgs)
+    det.fit("bottle").predict(_images(3), batch_size=2)
+    assert seen == [2, 1] and det.clip.config.batch_size == 8

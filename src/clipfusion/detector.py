@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import torch
 from PIL import Image
 
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
-from clipfusion.errors import ConfigError, InputError
+from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
 
 ImageLike = str | Path | Image.Image
@@ -152,7 +155,11 @@ class CLIPFusion:
     def predict(
         self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
     ) -> list[AnomalyResult]:
-        """Score images (paths or PIL images), ``batch_size`` at a time (default: the branches' own)."""
+        """Score images (paths or PIL images), ``batch_size`` at a time (default: the branches' own).
+
+        Out of memory on a batch, the batch is halved and retried (down to one image), so a batch size
+        that is too large for the device costs time, not the run; at one image it is a clear error.
+        """
         if self.object_name is None:
             raise RuntimeError("call fit(object_name, references) before predict")
         if isinstance(images, str | Path | Image.Image):
@@ -161,9 +168,22 @@ class CLIPFusion:
         results: list[AnomalyResult] = []
         bar = _progress(len(images), "predict", progress)
         config_dict = self.config.to_dict()
-        for start in range(0, len(images), batch_size):
+        start = 0
+        while start < len(images):
             chunk = [_as_image(item) for item in images[start : start + batch_size]]
-            outputs = self.predict_tensors([img for img, _ in chunk])
+            try:
+                with self._branch_batch_size(batch_size):
+                    outputs = self.predict_tensors([img for img, _ in chunk])
+            except torch.OutOfMemoryError as exc:
+                _free_accelerator_memory()
+                if batch_size == 1:
+                    raise ClipfusionError(
+                        "out of memory with one image per batch; use a smaller output_size, --dtype bfloat16 "
+                        "(float16 on CUDA) or a device with more memory"
+                    ) from exc
+                batch_size = max(1, batch_size // 2)
+                warnings.warn(f"out of memory; retrying with batch size {batch_size}", stacklevel=2)
+                continue
             for i, (_, path) in enumerate(chunk):
                 results.append(
                     AnomalyResult(
@@ -174,9 +194,25 @@ class CLIPFusion:
                         config=config_dict,
                     )
                 )
+            start += len(chunk)
             bar.update(len(chunk))
         bar.close()
         return results
+
+    @contextlib.contextmanager
+    def _branch_batch_size(self, batch_size: int) -> Iterator[None]:
+        """The branches split their input by their own batch size; cap it at the detector's for one call."""
+        saved = []
+        for branch in self._branches():
+            config = getattr(branch, "config", None)
+            if dataclasses.is_dataclass(config) and getattr(config, "batch_size", 0) > batch_size:
+                saved.append((branch, config))
+                branch.config = dataclasses.replace(config, batch_size=batch_size)
+        try:
+            yield
+        finally:
+            for branch, config in saved:
+                branch.config = config
 
     def predict_tensors(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """One batch through both branches and the fusion; tensors on the CPU, float32."""
@@ -232,6 +268,14 @@ def validate_config(config: CLIPFusionConfig) -> None:
         problems.append("use_clip and use_diffusion are both false: nothing would be computed")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _NoBar:
