@@ -31,18 +31,18 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 SD_SUBDIR = "sd2-inpainting"
 
-# what the MapDiff branch loads; the safety checker and feature extractor of the pipeline are not needed
-SD_PATTERNS = (
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model{variant}.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model{variant}.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model{variant}.safetensors",
-)
+
+def sd_patterns(variant: str | None = None) -> tuple[str, ...]:
+    """The files of the diffusers repository the MapDiff loader reads (its own lists), with ``variant``
+    weights (``unet/diffusion_pytorch_model.fp16.safetensors``) in place of the float32 ones."""
+    from clipfusion.models.diffusion import CONFIG_FILES, WEIGHT_FILES
+
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    weights = tuple(name.removesuffix(".safetensors") + suffix for name in WEIGHT_FILES)
+    # tokenizer files are optional one by one (tokenizer.json is absent from older repositories)
+    return (*CONFIG_FILES, *weights, "tokenizer/*")
+
+
 CLIP_PATTERNS = ("open_clip_config.json", "open_clip_model.safetensors")
 
 
@@ -111,7 +111,6 @@ def sources_for(
     variant: str | None = None,
 ) -> list[Source]:
     """The repositories the configuration needs; ids and revisions overridable for mirrors."""
-    suffix = f".{variant}" if variant else ""
     clip = config.clip
     return [
         Source(
@@ -125,7 +124,7 @@ def sources_for(
             "diffusion",
             config.diffusion.model,
             config.diffusion.revision,
-            tuple(p.format(variant=suffix) for p in SD_PATTERNS),
+            sd_patterns(variant),
             SD_SUBDIR,
         ),
     ]
