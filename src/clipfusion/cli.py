@@ -367,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(w)
     w.set_defaults(func=cmd_weights)
 
+    # `clipfusion bench ARGS` is handed whole to the benchmark's own parser (see main)
+    sub.add_parser(
+        "bench", help="speed and memory benchmark against anomalib WinCLIP (benchmarks/RESULTS.md)"
+    )
+
     p = sub.add_parser("config", help="print the effective configuration, or save it with --save")
     p.add_argument("--save", type=Path, help="write it to this .json or .toml file")
     add_model_options(p)
@@ -375,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from clipfusion import bench
+
+        return bench.main(argv[1:], prog="clipfusion bench")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
