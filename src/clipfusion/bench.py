@@ -1404,7 +1404,7 @@ def _speed_section(results: dict[str, Any], entry: dict[str, Any]) -> list[str]:
                 rows,
             ),
             "",
-            *_ratio_target(latency),
+            *(_ratio_target(latency) if not str(settings.get("device", "cpu")).startswith("cuda") else []),
             "Models loaded and memory banks built beforehand (fit not timed); both from decoded PIL images "
             "(WinCLIP's time includes its 240 px pre-processing). Other CPU load: the share of the machine's "
             "CPU time other processes used while the regime was timed (0 % = quiet).",
