@@ -146,6 +146,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert "tiny" in markdown and "--quick" in markdown
 
     assert all(v > 0 for row in results["peaks"].values() for v in row.values())
+    assert all(v > 0 for key in ("probe_start", "probe_end") for v in results[key].values())
+    assert "Machine speed probe" in markdown
     assert set(results["peaks"]["matmul"]) == {"float32", "bfloat16"}
     (speed,) = results["speed"]
     assert [entry["shots"] for entry in speed["latency"]] == [0, 1]

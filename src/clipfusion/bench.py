@@ -14,11 +14,12 @@ What is measured, and why this way:
   constructor) and for :class:`~clipfusion.detector.CLIPFusion`. Both start from the same decoded PIL images
   (WinCLIP's time includes the same 240 px pre-processing), models are loaded and memory banks built before
   timing (``fit`` is not timed, as METHOD.md's latency protocol says), **medians after warm-up** are
-  reported with the ratio CLIPFusion / WinCLIP per regime. The two are timed **one after the other, each
-  in its own warmed-up block**, as a deployment runs one detector: interleaved call by call (``--interleave``,
-  which spreads bursts of outside load evenly) CLIPFusion's 1-shot call took 9.3–13.0 s instead of
-  8.4–8.9 s on the 2-core development machine, the other model's call having just churned the caches and
-  the allocator. The share of CPU time other processes took during each block is recorded instead.
+  reported with the ratio CLIPFusion / WinCLIP per regime. The two are **interleaved call by call**: on the
+  2-core development VM the same CLIPFusion call drifted between about 8 and 13 s over tens of minutes with
+  no other process running (its memory-bound VAE stages feel the host's load; WinCLIP's matmuls much less),
+  so drift must hit both alike rather than whichever block happened to run during it (``--blocks`` times
+  one detector after the other instead). Other processes' share of the CPU time is recorded per regime, and
+  a speed probe (fp32 matmul, memory copy bandwidth) runs at the start and the end of the timed sections.
 - **Throughput** (images/s) at a larger batch for both.
 - **Time per stage** (CLIP image tower, VAE encoder, UNet, maps, fusion, other) without changing a code path:
   the stage methods (``PatchCLIP.encode``/``window_embeddings``, ``MapDiff.encode_latents``/``run_unet``
@@ -107,7 +108,7 @@ class Settings:
     throughput: bool = True
     memory: bool = True
     faithfulness: bool = True
-    interleave: bool = False
+    interleave: bool = True
     memory_dtypes: list[str] = dataclasses.field(default_factory=lambda: ["float32", "bfloat16"])
     early_worker_server: bool = False
     peak_sizes: tuple[int, int, int] = (2048, 256, 256)  # matmul n, conv channels, conv side
@@ -297,6 +298,27 @@ def machine_info(device: str) -> dict[str, Any]:
         info["gpu_memory_gb"] = props.total_memory / GB
         info["cuda"] = torch.version.cuda
     return info
+
+
+def measure_bandwidth(device: str, *, megabytes: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (read + write), best of ``repeats``: the memory-bound reference that the
+    normalisations and activations of the VAE and UNet live by."""
+    n = megabytes * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    best = min(time_calls(lambda: dst.copy_(src), warmup=1, repeats=repeats, device=device))
+    return 2 * n * 4 / best / 1e9
+
+
+def speed_probe(device: str, *, matmul_n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """A few seconds of fp32 matmul and memory copy, run at the start and the end of the timed sections:
+    the machine's own speed can drift (shared hosts), and this shows by how much during the run."""
+    dev = torch.device(device)
+    a = torch.randn(matmul_n, matmul_n, device=dev)
+    b = torch.randn(matmul_n, matmul_n, device=dev)
+    with torch.inference_mode():
+        best = min(time_calls(lambda: a @ b, warmup=1, repeats=repeats, device=device))
+    return {"matmul_fp32_gflops": 2 * matmul_n**3 / best / 1e9, "copy_gb_s": measure_bandwidth(device)}
 
 
 def measure_peaks(
@@ -1103,6 +1125,7 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         ),
     ) or {"matmul": {}, "conv3x3": {}}
     results["peaks"] = peaks
+    results["probe_start"] = section("speed probe", lambda: speed_probe(settings.device))
     log(
         "peaks (GFLOP/s): "
         + ", ".join(f"{k} {d} {v:.0f}" for k, row in peaks.items() for d, v in row.items())
@@ -1153,6 +1176,7 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
                 results["speed"].append(entry)
         # the load figure covers the timed sections; the memory workers below are forked from the worker
         # server, not from this process, so their CPU time would read as another process's
+        results["probe_end"] = section("speed probe", lambda: speed_probe(settings.device))
         monitor.__exit__(None, None, None)
         results["load"] = monitor.result
 
@@ -1241,7 +1265,9 @@ def render_markdown(
         f"Command: `{results.get('command', '')}`  ",
         f"Run: {results.get('started', '?')} → {results.get('finished', '?')} (UTC), clipfusion "
         f"{machine.get('versions', {}).get('clipfusion', '?')}, git {machine.get('git') or '?'}  ",
-        f"Machine load during the timed sections: {_load_line(results.get('load'))}",
+        f"Machine load during the timed sections: {_load_line(results.get('load'))}"
+        + ("  " if _probe_line(results) else ""),
+        *_probe_line(results),
         "",
     ]
     if results.get("errors"):
@@ -1331,6 +1357,17 @@ def _summary_section(results: dict[str, Any], gpu: dict[str, Any] | None) -> lis
     ]
 
 
+def _probe_line(results: dict[str, Any]) -> list[str]:
+    start, end = results.get("probe_start"), results.get("probe_end")
+    if not start or not end:
+        return []
+    return [
+        f"Machine speed probe, start → end of the timed sections: fp32 matmul "
+        f"{start['matmul_fp32_gflops']:.0f} → {end['matmul_fp32_gflops']:.0f} GFLOP/s, memory copy "
+        f"{start['copy_gb_s']:.1f} → {end['copy_gb_s']:.1f} GB/s",
+    ]
+
+
 def _preset_note(preset: str) -> str:
     if preset == "random-full":
         return (
@@ -1413,7 +1450,7 @@ def _speed_section(results: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         lines += [
             f"### Latency per image, batch 1 ({dtype}; median of {settings.get('repeats')} after "
             f"{settings.get('warmup')} warm-up, "
-            f"{'interleaved' if settings.get('interleave') else 'one detector at a time'})",
+            f"{'interleaved' if settings.get('interleave', True) else 'one detector at a time'})",
             "",
             _table(
                 (
@@ -1698,10 +1735,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add("--no-winclip", action="store_true", help="skip the anomalib WinCLIP baseline")
     add(
-        "--interleave",
+        "--blocks",
         action="store_true",
-        help="time WinCLIP and CLIPFusion call by call instead of one block each (evens out outside "
-        "load, but each call then pays for the other model's footprint)",
+        help="time WinCLIP then CLIPFusion, one warmed-up block each, instead of interleaving their calls",
     )
     add("--no-throughput", action="store_true", help="skip the throughput measurement")
     add("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -1785,7 +1821,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
     if any(k < 0 for k in s.shots) or not s.shots:
         raise SystemExit("--shots must list k >= 0")
     s.throughput_shots = 1 if 1 in s.shots else max(s.shots)
-    s.winclip, s.throughput, s.interleave = not args.no_winclip, not args.no_throughput, args.interleave
+    s.winclip, s.throughput, s.interleave = not args.no_winclip, not args.no_throughput, not args.blocks
     s.memory, s.faithfulness = not args.no_memory, not args.no_faithfulness
     return s
 
