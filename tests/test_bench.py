@@ -140,6 +140,7 @@ def test_quick_run_end_to_end(tmp_path):
         "### Time per stage, 1-shot",
         "## Peak memory",
         "### Reduced-precision faithfulness: bfloat16",
+        "## Each optimisation before and after",
     ):
         assert heading in markdown, heading
     assert bench.LABEL in markdown
@@ -169,6 +170,15 @@ def test_quick_run_end_to_end(tmp_path):
     assert throughput["batch"] == 2
     assert throughput["clipfusion"]["images_per_s"] > 0 and throughput["winclip"]["images_per_s"] > 0
 
+    # each optimisation switched off in turn: timed, and what it computes unchanged
+    variants = results["ablation"]["variants"]
+    assert list(variants) == ["default", "no early exit", "no channels-last", "no SDPA", "bfloat16"]
+    assert all(row["median_s"] > 0 for row in variants.values())
+    assert variants["no early exit"]["map_max_abs_diff"] == 0.0  # early exit: identical maps
+    for name in ("no channels-last", "no SDPA"):
+        assert variants[name]["map_max_abs_diff"] < 1e-4, name
+    assert variants["bfloat16"]["map_pearson"] > 0.99
+
     memory = {item["config_dtype"]: item for item in results["memory"]}
     assert set(memory) == {"float32", "bfloat16"}
     for item in memory.values():
@@ -196,3 +206,24 @@ def test_quick_run_end_to_end(tmp_path):
     combined = out.read_text()
     assert "## GPU" in combined and "#### Peak VRAM (fp16" in combined
     assert "Some GPU, fp16" in combined.split("## Machine")[0]
+
+
+def test_ablation_variants_restore_the_detector():
+    from clipfusion.detector import CLIPFusion
+
+    det = CLIPFusion.from_preset("tiny")
+    diffusion = det.diffusion
+    config, processors = diffusion.config, diffusion.unet.attn_processors
+    for name, _ in bench.ABLATIONS:
+        with bench._ablation_variant(det, name):
+            if name == "no SDPA":
+                kinds = {type(p).__name__ for p in diffusion.vae.attn_processors.values()}
+                assert kinds == {"AttnProcessor"}
+            if name == "no channels-last":
+                assert not diffusion.config.channels_last
+        assert diffusion.config is config
+        assert {k: type(v) for k, v in diffusion.unet.attn_processors.items()} == {
+            k: type(v) for k, v in processors.items()
+        }
+    conv = diffusion.vae.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == config.channels_last

@@ -127,6 +127,12 @@ def test_random_build_in_bfloat16() -> None:
     assert {p.dtype for m in (parts.unet, parts.vae, parts.text_encoder) for p in m.parameters()} == {
         torch.bfloat16
     }
+    # each component is cast as soon as it is built: still the float32 build's weights, rounded
+    reference = build_random_components("tiny", seed=0)
+    for part in ("unet", "vae", "text_encoder"):
+        ours = getattr(parts, part).state_dict()
+        for name, value in getattr(reference, part).state_dict().items():
+            assert torch.equal(ours[name], value.to(torch.bfloat16)), (part, name)
 
 
 def test_offline_tokenizer_gives_open_clip_ids() -> None:

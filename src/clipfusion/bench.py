@@ -110,6 +110,9 @@ class Settings:
     faithfulness: bool = True
     interleave: bool = True
     memory_dtypes: list[str] = dataclasses.field(default_factory=lambda: ["float32", "bfloat16"])
+    ablation: bool = True
+    ablation_repeats: int = 3
+    ablation_compile: bool = True
     early_worker_server: bool = False
     peak_sizes: tuple[int, int, int] = (2048, 256, 256)  # matmul n, conv channels, conv side
     peak_repeats: int = 10
@@ -762,7 +765,8 @@ def memory_worker(spec_path: str | Path) -> int:
     det = build_detector(spec["preset"], spec["overrides"])
     build_s = time.perf_counter() - start
     references, queries = load_inputs(Path(spec["data"]))
-    det.fit(OBJECT, references[: spec["shots"]])
+    # as `clipfusion predict` and `evaluate` do: the text embeddings are cached, the encoders dropped
+    det.fit(OBJECT, references[: spec["shots"]]).release_text_encoders()
     loaded = _proc_status()
     cuda = spec["device"].startswith("cuda")
     if cuda:
@@ -902,6 +906,118 @@ def faithfulness(reference: dict[str, np.ndarray], other: dict[str, np.ndarray])
         row["pass"] = None if value is None else value >= PEARSON_BAR
         rows[key] = row
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the optimisations, each switched off (or on) in turn
+
+#: (name, what it changes) in the order they are timed; "default" is the shipped configuration
+ABLATIONS = (
+    ("default", "as shipped: UNet early exit, channels-last VAE, SDPA on every uncaptured attention layer"),
+    ("no early exit", "the UNet runs to its last block (`diffusion.early_exit=false`)"),
+    ("no channels-last", "the VAE convolves in NCHW (`diffusion.channels_last=false`)"),
+    ("no SDPA", "diffusers' classic processor (explicit softmax) on every attention layer of UNet and VAE"),
+    ("compiled VAE", "`torch.compile` of the VAE encoder (`diffusion.compile=true`); compile time excluded"),
+    ("bfloat16", "both branches in bfloat16 (a second detector, same weights cast)"),
+)
+
+
+@contextlib.contextmanager
+def _ablation_variant(det: Any, name: str) -> Iterator[None]:
+    """Switch one optimisation of a built detector off (or on) for the duration, then restore it.
+
+    The switches act on the live branch (its config is read at call time), so every variant shares the
+    same weights, memory banks and inputs, and the rounds can alternate between them.
+    """
+    diffusion = det.diffusion
+    saved_config = diffusion.config
+    saved_processors: list[tuple[Any, Any]] = []
+    try:
+        if name == "no early exit":
+            diffusion.config = dataclasses.replace(saved_config, early_exit=False)
+        elif name == "no channels-last":
+            diffusion.config = dataclasses.replace(saved_config, channels_last=False)
+            diffusion.vae.to(memory_format=torch.contiguous_format)
+        elif name == "no SDPA":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            for module in (diffusion.unet, diffusion.vae):
+                saved_processors.append((module, module.attn_processors))
+                module.set_attn_processor(AttnProcessor())
+        elif name == "compiled VAE":
+            diffusion.config = dataclasses.replace(saved_config, compile=True)
+        yield
+    finally:
+        diffusion.config = saved_config
+        if name == "no channels-last" and saved_config.channels_last:
+            diffusion.vae.to(memory_format=torch.channels_last)
+        for module, processors in saved_processors:
+            module.set_attn_processor(processors)
+
+
+def ablation_section(
+    settings: Settings, references: list[Any], queries: list[Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """1-shot latency at batch 1 with each optimisation switched off in turn (and the opt-in ones on).
+
+    Round-robin: every round times each variant once on the same query, so the VM's drifting speed hits
+    them alike; the first round is the warm-up (and the compile). Each variant's outputs on that first
+    query are compared with the default's: the optimisations must not change what is computed.
+    """
+    dtype = settings.dtypes[0]
+    det = build_detector(settings.preset, detector_overrides(settings, dtype))
+    det.fit(OBJECT, references[:1])
+    if getattr(det, "diffusion", None) is None:
+        raise RuntimeError("the ablation needs the diffusion branch (use_diffusion=true)")
+    base_dtype = str(det.diffusion.dtype).removeprefix("torch.")
+    names = [name for name, _ in ABLATIONS]
+    if not settings.ablation_compile or det.diffusion.config.compile:
+        names.remove("compiled VAE")
+    if settings.cuda or base_dtype == "bfloat16":
+        names.remove("bfloat16")  # on CUDA the speed sections time fp16/bf16 themselves
+    detectors = {name: det for name in names}
+    if "bfloat16" in names:
+        bf16 = build_detector(settings.preset, detector_overrides(settings, "bfloat16"))
+        detectors["bfloat16"] = bf16.fit(OBJECT, references[:1])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    first: dict[str, Any] = {}
+    with CpuMonitor() as monitor:
+        for i in range(1 + settings.ablation_repeats):
+            query = queries[i % len(queries)]
+            for name in names:
+                with _ablation_variant(detectors[name], name):
+                    _sync(settings.device)
+                    start = time.perf_counter()
+                    result = detectors[name].predict([query], batch_size=1)[0]
+                    _sync(settings.device)
+                    elapsed = time.perf_counter() - start
+                if i == 0:
+                    first[name] = result
+                else:
+                    times[name].append(elapsed)
+            if i == 0:
+                log("ablation: warm-up round done")
+    default = first["default"]
+    rows = {}
+    for name in names:
+        result = first[name]
+        rows[name] = {
+            "median_s": _median(times[name]),
+            "times_s": times[name],
+            "map_max_abs_diff": float(np.abs(result.anomaly_map - default.anomaly_map).max()),
+            "map_pearson": pearson(result.anomaly_map, default.anomaly_map),
+            "score_abs_diff": abs(float(result.score) - float(default.score)),
+        }
+        log(f"ablation {name}: {rows[name]['median_s'] * 1e3:.0f} ms")
+    detectors = det = None  # type: ignore[assignment]
+    _free(settings.device)
+    return {
+        "dtype": base_dtype,
+        "shots": 1,
+        "repeats": settings.ablation_repeats,
+        "variants": rows,
+        "load": monitor.result,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1174,6 +1290,10 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
             )
             if entry is not None:
                 results["speed"].append(entry)
+        if settings.ablation:
+            results["ablation"] = section(
+                "ablation", lambda: ablation_section(settings, references, queries, log)
+            )
         # the load figure covers the timed sections; the memory workers below are forked from the worker
         # server, not from this process, so their CPU time would read as another process's
         results["probe_end"] = section("speed probe", lambda: speed_probe(settings.device))
@@ -1277,6 +1397,8 @@ def render_markdown(
     lines += _machine_section(results)
     for entry in results.get("speed", []):
         lines += _speed_section(results, entry)
+    if results.get("ablation"):
+        lines += _ablation_section_md(results["ablation"])
     if results.get("memory"):
         lines += _memory_section(results)
     if results.get("faithfulness"):
@@ -1649,9 +1771,52 @@ def _memory_section(results: dict[str, Any]) -> list[str]:
         "",
         f"`{preset}`{' (the `paper` architecture)' if preset in ('random-full', 'paper') else ''}, "
         "1-shot, batch 1, "
-        f"{results['memory'][0].get('images')} images. Whole life = `VmHWM` including the build (random "
-        "weights are drawn in float32 before the cast, so a bf16 build briefly holds float32 weights); "
+        f"{results['memory'][0].get('images')} images, text encoders released after the fit (as `predict` "
+        "and `evaluate` do). Whole life = `VmHWM` including the build (random weights are drawn in float32 "
+        "and cast one component at a time, so a bf16 build briefly holds one float32 component); "
         "inference = `VmHWM` after `echo 5 > /proc/self/clear_refs`. GB = 10⁹ bytes.",
+        "",
+    ]
+
+
+def _ablation_section_md(ablation: dict[str, Any]) -> list[str]:
+    variants = ablation["variants"]
+    base = variants["default"]["median_s"]
+    what = dict(ABLATIONS)
+    rows = []
+    for name, row in variants.items():
+        rows.append(
+            (
+                f"**{name}**" if name == "default" else name,
+                what.get(name, ""),
+                _ms(row["median_s"]),
+                "1.00×" if name == "default" else f"{row['median_s'] / base:.2f}×",
+                "–" if name == "default" else f"{row['map_max_abs_diff']:.1e}",
+                "–" if name == "default" or row["map_pearson"] is None else f"{row['map_pearson']:.5f}",
+            )
+        )
+    return [
+        f"## Each optimisation before and after (CLIPFusion 1-shot, batch 1, {ablation['dtype']})",
+        "",
+        _table(
+            (
+                "variant",
+                "what changes",
+                "ms/image",
+                "vs default",
+                "max abs diff of the map",
+                "Pearson of the map",
+            ),
+            rows,
+        ),
+        "",
+        f"Median of {ablation['repeats']} rounds after a warm-up round; every round runs each variant once "
+        "on the same query (round-robin, so the machine's drifting speed affects them alike). Map "
+        "differences: the fused anomaly map of the warm-up query against the default's. Load: "
+        f"{_load_line(ablation.get('load'))}. Structural optimisations that cannot be switched off here: one "
+        "VAE encode per query (the inpainting conditioning reuses the latents), text and prompt embeddings "
+        "cached per object name, reference memory banks built once at `fit`, the VAE decoder dropped; the "
+        "text encoders' release is in the memory table.",
         "",
     ]
 
@@ -1741,6 +1906,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-throughput", action="store_true", help="skip the throughput measurement")
     add("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add("--no-ablation", action="store_true", help="skip timing each optimisation switched off in turn")
+    add("--ablation-repeats", type=int, default=None, help="timed rounds of the ablation (default 3)")
+    add("--no-compile", action="store_true", help="leave the compiled-VAE variant out of the ablation")
     add("--no-faithfulness", action="store_true", help="skip the reduced-precision comparison")
     add(
         "--results-dir",
@@ -1782,6 +1950,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
     if args.quick:
         s.preset, s.repeats, s.warmup, s.batch, s.throughput_repeats = "tiny", 1, 1, 2, 1
         s.stage_repeats, s.faith_images, s.image_size = 1, 2, 256
+        s.ablation_repeats, s.ablation_compile = 1, False
         s.peak_sizes, s.peak_repeats, s.quick, s.early_worker_server = (512, 64, 64), 3, True, True
         # one thread: the worker server's imports then take the other core, instead of stalling the
         # OpenMP barriers of a two-thread pool (smoke-run timings mean nothing anyway)
@@ -1807,12 +1976,13 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
         "stage_repeats",
         "faith_images",
         "threads",
+        "ablation_repeats",
     ):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
     if (
-        min(s.repeats, s.batch, s.throughput_repeats, s.stage_repeats, s.faith_images) < 1
+        min(s.repeats, s.batch, s.throughput_repeats, s.stage_repeats, s.faith_images, s.ablation_repeats) < 1
         or min(s.warmup, s.throughput_warmup) < 0
     ):
         raise SystemExit(
@@ -1823,6 +1993,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
     s.throughput_shots = 1 if 1 in s.shots else max(s.shots)
     s.winclip, s.throughput, s.interleave = not args.no_winclip, not args.no_throughput, not args.blocks
     s.memory, s.faithfulness = not args.no_memory, not args.no_faithfulness
+    s.ablation, s.ablation_compile = not args.no_ablation, s.ablation_compile and not args.no_compile
     return s
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
+from clipfusion.runtime import return_freed_memory
 
 ImageLike = str | Path | Image.Image
 
@@ -84,6 +85,8 @@ class CLIPFusion:
                 from clipfusion.branches.mapdiff import MapDiff
 
                 self.diffusion = MapDiff.from_config(local.diffusion)
+            # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
+            return_freed_memory()
         self.object_name: str | None = None
         self.references: list[str] = []
         self.timings: dict[str, float] = {}
@@ -147,9 +150,7 @@ class CLIPFusion:
             self.clip.release_text_tower()
         if hasattr(self.diffusion, "release_text_encoder"):
             self.diffusion.release_text_encoder()
-        import gc
-
-        gc.collect()
+        return_freed_memory()
         return self
 
     def predict(

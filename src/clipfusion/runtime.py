@@ -42,3 +42,27 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("dtype float16 is only supported on CUDA; use bfloat16 or float32 on the CPU")
     return dtype
+
+
+def return_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``).
+
+    Freed tensors below glibc's mmap threshold stay in the process heap, so dropping the text encoders or
+    casting float32 weights to bfloat16 barely lowers the resident set by itself (measured on random-full,
+    bfloat16: 0.16 GB after dropping the text encoders, 1.3 GB with this call). On a factory PC the resident
+    set is what competes with the camera software. A no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
