@@ -227,3 +227,15 @@ def test_ablation_variants_restore_the_detector():
         }
     conv = diffusion.vae.encoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) == config.channels_last
+
+
+def test_missing_baseline_is_one_clear_error_before_any_work(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "anomalib" else real(name, *a)
+    )
+    code = bench.main(["--quick", "--results-dir", str(tmp_path), "--out", str(tmp_path / "r.md")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs anomalib" in err and "--no-winclip" in err and "Traceback" not in err
+    assert not (tmp_path / "r.md").exists()
