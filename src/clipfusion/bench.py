@@ -93,7 +93,7 @@ class Settings:
     preset: str = "random-full"
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtypes: list[str | None] = dataclasses.field(default_factory=lambda: [None])
-    shots: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+    shots: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 4])
     repeats: int = 5
     warmup: int = 1
     batch: int = 8
@@ -1879,8 +1879,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma list of dtypes to time (default: the preset's own on CPU, float16,bfloat16 on CUDA)",
     )
-    add("--shots", default=None, help="comma list of k (default 0,1)")
-    add("--all-shots", action="store_true", help="time k = 0, 1, 2, 4")
+    add("--shots", default=None, help="comma list of k (default 0,1,2,4; 0,1 with --quick)")
     add("--repeats", type=int, default=None, help="timed repeats per regime (default 5 CPU, 10 CUDA)")
     add("--warmup", type=int, default=None, help="untimed warm-up calls (default 1 CPU, 3 CUDA)")
     add("--batch", type=int, default=None, help="throughput batch size (default 8 CPU, 16 CUDA)")
@@ -1950,6 +1949,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
         s.peak_sizes, s.peak_repeats = (8192, 512, 256), 10
     if args.quick:
         s.preset, s.repeats, s.warmup, s.batch, s.throughput_repeats = "tiny", 1, 1, 2, 1
+        s.shots = [0, 1]
         s.stage_repeats, s.faith_images, s.image_size = 1, 2, 256
         s.ablation_repeats, s.ablation_compile = 1, False
         s.peak_sizes, s.peak_repeats, s.quick, s.early_worker_server = (512, 64, 64), 3, True, True
@@ -1964,8 +1964,6 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
         s.overrides[key.strip()] = _parse_value(value.strip())
     if args.dtypes:
         s.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if args.all_shots:
-        s.shots = [0, 1, 2, 4]
     if args.shots:
         s.shots = sorted({int(v) for v in args.shots.split(",") if v.strip()})
     for name in (
