@@ -2009,8 +2009,10 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path]:
 
 def write_report(results: dict[str, Any], json_path: Path, out: Path | None, results_dir: Path) -> str:
     """Write the JSON and the Markdown; a CPU report takes in the GPU results found next to its JSON."""
+    from clipfusion.io_utils import atomic_write_text  # an interrupted write never truncates old results
+
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(json_path, json.dumps(results, indent=1, default=str) + "\n")
     gpu = None
     cuda = str(results.get("settings", {}).get("device", "cpu")).startswith("cuda")
     gpu_json = results_dir / "speed_cuda.json"
@@ -2021,7 +2023,7 @@ def write_report(results: dict[str, Any], json_path: Path, out: Path | None, res
         sys.stdout.write(markdown)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(markdown)
+        atomic_write_text(out, markdown)
     return markdown
 
 
