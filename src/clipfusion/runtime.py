@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
 from clipfusion.errors import ConfigError
@@ -52,17 +55,25 @@ def return_freed_memory() -> bool:
     bfloat16: 0.16 GB after dropping the text encoders, 1.3 GB with this call). On a factory PC the resident
     set is what competes with the camera software. A no-op (False) where the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or None."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
     trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
+    return trim
