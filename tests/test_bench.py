@@ -239,3 +239,16 @@ def test_missing_baseline_is_one_clear_error_before_any_work(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert "needs anomalib" in err and "--no-winclip" in err and "Traceback" not in err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_throughput_batch_goes_through_the_branches_in_one_piece():
+    from clipfusion.detector import CLIPFusion
+
+    det = CLIPFusion.from_preset("tiny", clip__batch_size=2, diffusion__batch_size=4)
+    with det._branch_batch_size(8):  # predict's own use only caps the branches' sizes
+        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 4)
+    with det._branch_batch_size(3):
+        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 3)
+    with det._branch_batch_size(8, exact=True):  # the benchmark's: the whole batch at once
+        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (8, 8)
+    assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 4)

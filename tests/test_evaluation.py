@@ -140,8 +140,9 @@ def test_every_file_problem_is_reported_at_once_and_skip_bad_leaves_them_out(
     masks = sorted((product / "ground_truth").rglob("*_mask.png"))
     Image.new("L", (7, 9)).save(masks[0])  # mask size differs from its image
     calls = []
-    with pytest.raises(InputErrors) as info:
-        evaluate(
+
+    def run(**options):
+        return evaluate(
             "folder",
             product,
             tmp_path / "o",
@@ -150,7 +151,11 @@ def test_every_file_problem_is_reported_at_once_and_skip_bad_leaves_them_out(
             progress=False,
             detector_factory=_factory(calls),
             log=lambda _m: None,
+            **options,
         )
+
+    with pytest.raises(InputErrors) as info:
+        run()
     problems = info.value.problems
     assert any("000.png: empty file" in p for p in problems)
     assert any("001.png" in p for p in problems)
@@ -158,17 +163,7 @@ def test_every_file_problem_is_reported_at_once_and_skip_bad_leaves_them_out(
     assert "--skip-bad" in problems[-1]
     assert calls == []
 
-    runs = evaluate(
-        "folder",
-        product,
-        tmp_path / "o",
-        config=config,
-        shots=[1],
-        progress=False,
-        detector_factory=_factory(calls),
-        log=lambda _m: None,
-        skip_bad=True,
-    )
+    runs = run(skip_bad=True)
     data = json.loads((tmp_path / "o" / "results.json").read_text())
     assert len(data["skipped"]) == 3
     assert runs[0]["n_test"] == 12 - 2

@@ -68,6 +68,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipfusion.runtime import free_device_memory
+
 LABEL = "random-init weights: compute and memory only, not detection quality"
 CATEGORY = "bottle_cap"  # synthetic category the inputs come from
 OBJECT = "bottle cap"  # the object name both detectors are given
@@ -141,22 +143,28 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, device: str 
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[int], Any]], *, warmup: int, repeats: int, device: str = "cpu"
+    fns: dict[str, Callable[[int], Any]],
+    *,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    around: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Time several functions round-robin, one call of each per round, each given the round's index (so
     that every contender gets the same input in a round). A burst of load from another process then slows
-    every contender alike instead of whichever happened to run during it."""
-    for i in range(warmup):
-        for fn in fns.values():
-            fn(i)
+    every contender alike instead of whichever happened to run during it. ``around(name)``: a context
+    entered around each call of that function, outside the timed span (e.g. switching a setting)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup, warmup + repeats):
+    for i in range(warmup + repeats):
         for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn(i)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            with around(name) if around is not None else contextlib.nullcontext():
+                _sync(device)
+                start = time.perf_counter()
+                fn(i)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
     return times
 
 
@@ -980,24 +988,21 @@ def ablation_section(
     if "bfloat16" in names:
         bf16 = build_detector(settings.preset, detector_overrides(settings, "bfloat16"))
         detectors["bfloat16"] = bf16.fit(OBJECT, references[:1])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    first: dict[str, Any] = {}
+    first: dict[str, Any] = {}  # each variant's result in the warm-up round
+
+    def call(name: str, i: int) -> None:
+        result = detectors[name].predict([queries[i % len(queries)]], batch_size=1)[0]
+        first.setdefault(name, result)
+
+    log(f"ablation: {', '.join(names)} (the warm-up round compiles where asked)")
     with CpuMonitor() as monitor:
-        for i in range(1 + settings.ablation_repeats):
-            query = queries[i % len(queries)]
-            for name in names:
-                with _ablation_variant(detectors[name], name):
-                    _sync(settings.device)
-                    start = time.perf_counter()
-                    result = detectors[name].predict([query], batch_size=1)[0]
-                    _sync(settings.device)
-                    elapsed = time.perf_counter() - start
-                if i == 0:
-                    first[name] = result
-                else:
-                    times[name].append(elapsed)
-            if i == 0:
-                log("ablation: warm-up round done")
+        times = time_interleaved(
+            {name: functools.partial(call, name) for name in names},
+            warmup=1,
+            repeats=settings.ablation_repeats,
+            device=settings.device,
+            around=lambda name: _ablation_variant(detectors[name], name),
+        )
     default = first["default"]
     rows = {}
     for name in names:
@@ -1011,7 +1016,7 @@ def ablation_section(
         }
         log(f"ablation {name}: {rows[name]['median_s'] * 1e3:.0f} ms")
     detectors = det = None  # type: ignore[assignment]
-    _free(settings.device)
+    free_device_memory()
     return {
         "dtype": base_dtype,
         "shots": 1,
@@ -1027,14 +1032,6 @@ def ablation_section(
 
 def _regime(shots: int) -> str:
     return "zero-shot" if shots == 0 else f"{shots}-shot"
-
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def speed_section(
@@ -1141,7 +1138,7 @@ def speed_section(
         det.fit(OBJECT, references[:k])
         batch = _cycle(queries, settings.batch)
         thr: dict[str, Any] = {"shots": k, "regime": _regime(k), "batch": settings.batch}
-        with _branch_batch_size(det, settings.batch), CpuMonitor() as monitor:
+        with det._branch_batch_size(settings.batch, exact=True), CpuMonitor() as monitor:
             if settings.throughput_warmup == 0:  # at least a cheap batch-1 call after the other detector
                 det.predict(batch[:1], batch_size=1)
             if settings.cuda:
@@ -1177,24 +1174,8 @@ def speed_section(
             f"{thr['clipfusion']['images_per_s']:.3f} img/s"
         )
     det = winclip = None  # free the models before the next configuration is built
-    _free(device)
+    free_device_memory()
     return out
-
-
-@contextlib.contextmanager
-def _branch_batch_size(det: Any, size: int) -> Iterator[None]:
-    """Let the branches take the whole batch at once (their configs chunk it otherwise), then restore."""
-    saved = []
-    for branch in (getattr(det, "clip", None), getattr(det, "diffusion", None)):
-        config = getattr(branch, "config", None)
-        if config is not None and hasattr(config, "batch_size"):
-            saved.append((branch, config))
-            branch.config = dataclasses.replace(config, batch_size=size)
-    try:
-        yield
-    finally:
-        for branch, config in saved:
-            branch.config = config
 
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -1276,7 +1257,7 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
                 det.fit(OBJECT, references[:1])
                 outputs = collect_outputs(det, _cycle(queries, settings.faith_images))
                 del det
-                _free(settings.device)
+                free_device_memory()
                 return outputs
 
             faith_reference = section("faithfulness reference (float32)", reference_outputs)

@@ -19,7 +19,7 @@ from PIL import Image
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
-from clipfusion.runtime import return_freed_memory
+from clipfusion.runtime import free_device_memory, return_freed_memory
 
 ImageLike = str | Path | Image.Image
 
@@ -176,7 +176,7 @@ class CLIPFusion:
                 with self._branch_batch_size(batch_size):
                     outputs = self.predict_tensors([img for img, _ in chunk])
             except torch.OutOfMemoryError as exc:
-                _free_accelerator_memory()
+                free_device_memory()
                 if batch_size == 1:
                     raise ClipfusionError(
                         "out of memory with one image per batch; use a smaller output_size, --dtype bfloat16 "
@@ -201,12 +201,18 @@ class CLIPFusion:
         return results
 
     @contextlib.contextmanager
-    def _branch_batch_size(self, batch_size: int) -> Iterator[None]:
-        """The branches split their input by their own batch size; cap it at the detector's for one call."""
+    def _branch_batch_size(self, batch_size: int, *, exact: bool = False) -> Iterator[None]:
+        """The branches split their input by their own batch size; cap it at the detector's for one call
+        (``exact``: also raise it, so that a benchmark's batch goes through the branches in one piece)."""
         saved = []
         for branch in self._branches():
             config = getattr(branch, "config", None)
-            if dataclasses.is_dataclass(config) and getattr(config, "batch_size", 0) > batch_size:
+            current = getattr(config, "batch_size", None)
+            if (
+                dataclasses.is_dataclass(config)
+                and current is not None
+                and (current > batch_size or (exact and current != batch_size))
+            ):
                 saved.append((branch, config))
                 branch.config = dataclasses.replace(config, batch_size=batch_size)
         try:
@@ -269,14 +275,6 @@ def validate_config(config: CLIPFusionConfig) -> None:
         problems.append("use_clip and use_diffusion are both false: nothing would be computed")
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class _NoBar:

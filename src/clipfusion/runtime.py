@@ -47,6 +47,16 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def free_device_memory() -> None:
+    """Collect dropped tensors and hand the CUDA caching allocator's unused blocks back (after an
+    out-of-memory error, or between models), so the next allocation sees the memory as free."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def return_freed_memory() -> bool:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``).
 
