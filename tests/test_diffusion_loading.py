@@ -186,8 +186,10 @@ def test_local_directory_round_trip(saved) -> None:
     outputs = [
         MapDiff(**p.modules(), config=config).fit("zipper", x[:1]).predict(x[1:]) for p in (parts, loaded)
     ]
+    # the weights are bitwise equal (above); the forward passes agree up to rounding, not bitwise: oneDNN
+    # may pick other kernels for differently aligned (memory-mapped) weights on some CPUs
     for key in ("diff_L", "diff_V"):
-        assert torch.equal(outputs[0][key], outputs[1][key])
+        torch.testing.assert_close(outputs[0][key], outputs[1][key], atol=1e-6, rtol=1e-5)
 
 
 def test_variant_weight_files_are_found(saved, tmp_path) -> None:
