@@ -27,6 +27,7 @@ import sklearn
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from clipfusion.metrics import pixel_metrics
+from clipfusion.runtime import process_memory, reset_peak_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.md"
 
@@ -47,31 +48,15 @@ def synthetic(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return masks, maps
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(fn, repeat: int) -> tuple[list[float], int, object]:
     """Wall times of ``repeat`` calls, the peak RSS during them (bytes), and the last result."""
-    _reset_peak()
+    reset_peak_memory()
     times, result = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return times, _status("VmHWM"), result
+    return times, process_memory().get("peak_rss", 0), result
 
 
 def cpu_model() -> str:
@@ -104,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_s = time.perf_counter() - t0
     n_pix = maps.size
     data_mb = (maps.nbytes + masks.nbytes) / 2**20
-    rss_data = _status("VmRSS")
+    rss_data = process_memory().get("rss", 0)
     lines = [
         f"data: {args.n} maps of {args.size}x{args.size} = {n_pix / 1e6:.1f} M pixels, "
         f"{masks.mean() * 100:.2f} % anomalous; float32 maps + bool masks = {data_mb:.0f} MiB "

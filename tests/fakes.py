@@ -1,4 +1,5 @@
-"""A model-free stand-in for a branch: maps from pixel statistics, with the branches' interface.
+"""A model-free stand-in for a branch: maps from pixel statistics, implementing
+:class:`clipfusion.branches.Branch`.
 
 It lets the detector, fusion, evaluation and CLI plumbing be tested exactly (known maps in, known fused
 maps out) and quickly, independently of the real branches, which have tests of their own.
@@ -16,13 +17,24 @@ from PIL import Image
 class FakeBranch:
     def __init__(self, kind: str, size: int = 32, batch_size: int = 4) -> None:
         assert kind in ("clip", "diffusion")
-        self.kind = kind
+        self.name = kind
         self.prefix = "clip" if kind == "clip" else "diff"
+        self.map_names = (f"{self.prefix}_L", f"{self.prefix}_V")
         self.size = size
         self.config = SimpleNamespace(batch_size=batch_size, output_size=size)
-        self.bank: torch.Tensor | None = None
+        self.memory_bank: torch.Tensor | None = None
         self.object_name: str | None = None
         self.batches: list[int] = []
+        self.prepared: list[str] = []
+        self.released = False
+
+    @property
+    def default_batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def shots(self) -> int:
+        return 0 if self.memory_bank is None else len(self.memory_bank)
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         arrays = [
@@ -31,21 +43,36 @@ class FakeBranch:
         ]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
-    def fit(self, object_name: str, references: list[Image.Image]) -> None:
+    def fit(self, object_name: str, images: list[Image.Image] | None = None) -> FakeBranch:
         self.object_name = object_name
-        self.bank = self._pixels(references) if references else None
+        self.memory_bank = self._pixels(images) if images else None
+        return self
 
-    def predict(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def prepare(self, object_names) -> None:
+        self.prepared.extend(object_names)
+
+    def release_text_encoder(self) -> None:
+        self.released = True
+
+    def predict(self, images: list[Image.Image], *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        batch = batch_size or self.default_batch_size
+        out: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(images), batch):
+            for key, value in self._predict_batch(images[start : start + batch]).items():
+                out.setdefault(key, []).append(value)
+        return {key: torch.cat(values) for key, values in out.items()}
+
+    def _predict_batch(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         self.batches.append(len(images))
         x = self._pixels(images)
         # a weak "language" map (a tenth of the brightness), so that in few-shot runs the fused map is
         # dominated by the reference differences, as the real method's is by its memory-bank maps
         gray = 0.1 * x.mean(1)
         out = {f"{self.prefix}_L": gray}
-        if self.kind == "clip":
+        if self.name == "clip":
             out["s_clip_L"] = gray.mean((1, 2))
-        if self.bank is not None:
-            diff = (x[:, None] - self.bank[None]).abs().mean(2)  # N, K, s, s
+        if self.memory_bank is not None:
+            diff = (x[:, None] - self.memory_bank[None]).abs().mean(2)  # N, K, s, s
             out[f"{self.prefix}_V"] = diff.amin(1)
         return out
 

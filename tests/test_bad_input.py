@@ -131,7 +131,7 @@ def test_bad_references_are_reported_too(tmp_path, capsys):
     [
         (["--preset", "fastest"], "unknown preset 'fastest'"),
         (["--set", "alpha_map=2"], "alpha_map must lie in [0, 1]"),
-        (["--set", "clip.patch_mode=pixels"], "clip.patch_mode 'pixels' is not one of"),
+        (["--set", "clip.patch_mode=pixels"], "clip.patch_mode must be one of tokens, crops, windows"),
         (["--set", "nonsense"], "expected KEY=VALUE"),
         (["--set", "diffusion.nope=1"], "unknown option 'diffusion.nope'"),
         (["--dtype", "float16", "--device", "cpu"], "float16 is only supported on CUDA"),

@@ -242,13 +242,22 @@ def test_missing_baseline_is_one_clear_error_before_any_work(monkeypatch, tmp_pa
 
 
 def test_throughput_batch_goes_through_the_branches_in_one_piece():
+    from PIL import Image
+
     from clipfusion.detector import CLIPFusion
 
     det = CLIPFusion.from_preset("tiny", clip__batch_size=2, diffusion__batch_size=4)
-    with det._branch_batch_size(8):  # predict's own use only caps the branches' sizes
-        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 4)
-    with det._branch_batch_size(3):
-        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 3)
-    with det._branch_batch_size(8, exact=True):  # the benchmark's: the whole batch at once
-        assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (8, 8)
+    seen = {"clip": [], "diffusion": []}
+    for branch in det.branches:
+        original = branch.features if branch.name == "clip" else branch.encode_latents
+        spy = (lambda orig, name: lambda x, **kw: seen[name].append(len(x)) or orig(x, **kw))(
+            original, branch.name
+        )
+        setattr(branch, "features" if branch.name == "clip" else "encode_latents", spy)
+    images = [Image.new("RGB", (64, 64), (i, 2 * i, 3 * i)) for i in range(8)]
+    det.fit("bottle").predict(images, batch_size=8)  # the benchmark's call: the whole batch at once
+    assert seen == {"clip": [8], "diffusion": [8]}
+    seen = {"clip": [], "diffusion": []}
+    det.predict(images)  # no batch size: each branch's own default caps the batch (2 and 4 → min 2)
+    assert seen == {"clip": [2, 2, 2, 2], "diffusion": [2, 2, 2, 2]}
     assert (det.clip.config.batch_size, det.diffusion.config.batch_size) == (2, 4)

@@ -84,7 +84,7 @@ def test_safetensors_checkpoint_round_trips(tmp_path, pixels):
     from_folder, _ = load_open_clip("clipfusion-tiny", str(folder))
     assert _same(_outputs(from_folder, pixels), _outputs(source, pixels))
     # and through the preset machinery
-    branch = PatchCLIP.from_preset("tiny", pretrained=str(folder))
+    branch = PatchCLIP.from_preset("tiny", weights="pretrained", checkpoint=str(folder))
     assert _same(_outputs(branch.model, pixels), _outputs(source, pixels))
 
 
@@ -142,11 +142,12 @@ def test_missing_pretrained_weights_offline_fail_fast_with_a_useful_message(tmp_
         load_open_clip("ViT-B-16-plus-240", "laion400m_e31", cache_dir=tmp_path)
     message = str(info.value)
     assert time.monotonic() - started < 30
-    for needed in ("ViT-B-16-plus-240", "laion400m_e31", str(tmp_path), "--weights", "offline"):
+    for needed in ("ViT-B-16-plus-240", "laion400m_e31", str(tmp_path), "weights_dir=", "--weights-dir"):
         assert needed in message, needed
     assert "\n" not in message
     # the paper preset names exactly these weights
-    assert (load_preset("paper").clip.model, load_preset("paper").clip.pretrained) == (
+    assert "offline" in message
+    assert (load_preset("paper").clip.model, load_preset("paper").clip.checkpoint) == (
         "ViT-B-16-plus-240",
         "laion400m_e31",
     )

@@ -25,7 +25,7 @@ def test_paper_preset_has_the_paper_values():
     assert config.alpha_map == 0.25
     assert config.alpha_score == 0.75
     assert config.clip.model == "ViT-B-16-plus-240"
-    assert config.clip.pretrained == "laion400m_e31"
+    assert (config.clip.weights, config.clip.checkpoint) == ("pretrained", "laion400m_e31")
     assert config.clip.temperature == 0.07
     assert config.diffusion.model == "stabilityai/stable-diffusion-2-inpainting"
     assert config.diffusion.timestep == 100

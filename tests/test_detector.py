@@ -98,9 +98,9 @@ def test_switching_a_branch_off_leaves_its_maps_zero():
     ],
 )
 def test_invalid_fusion_options_are_refused_before_loading(overrides, message):
-    config = load_preset("tiny").replace(**overrides)
+    # refused where the configuration is made, so no detector (and no model) is ever built from it
     with pytest.raises(ConfigError, match=message):
-        CLIPFusion(config, clip=FakeBranch("clip"), diffusion=FakeBranch("diffusion"))
+        load_preset("tiny").replace(**overrides)
 
 
 def test_from_preset_accepts_branch_overrides_with_double_underscores(monkeypatch):
@@ -108,20 +108,22 @@ def test_from_preset_accepts_branch_overrides_with_double_underscores(monkeypatc
 
     class Recorder:
         @classmethod
-        def from_config(cls, cfg):
+        def from_config(cls, cfg, **_loading):
             built["clip"] = cfg
             return FakeBranch("clip")
 
     monkeypatch.setattr("clipfusion.branches.patchclip.PatchCLIP", Recorder, raising=False)
     det = CLIPFusion.from_preset("tiny", clip__patch_mode="crops", use_diffusion=False, alpha_map=0.5)
     assert built["clip"].patch_mode == "crops"
+    # the branch is built with the placement it inherits from the top of the configuration
+    assert (built["clip"].device, built["clip"].dtype, built["clip"].output_size) == ("auto", "float32", 64)
     assert det.config.alpha_map == 0.5
 
 
 def test_mask_thresholds_the_fused_map():
     result = AnomalyResult(score=0.5, anomaly_map=np.array([[0.1, 0.9]], dtype=np.float32), maps={})
     assert result.mask(0.5).tolist() == [[False, True]]
-    assert torch.is_tensor(torch.as_tensor(result.anomaly_map))
+    assert result.mask(0.05).tolist() == [[True, True]] and not result.mask(0.9).any()
 
 
 class _OomAbove(FakeBranch):
@@ -131,10 +133,10 @@ class _OomAbove(FakeBranch):
         super().__init__(kind)
         self.limit = limit
 
-    def predict(self, images):
+    def _predict_batch(self, images):
         if len(images) > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().predict(images)
+        return super()._predict_batch(images)
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_results():

@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from clipfusion.fusion import fuse, gaussian_smooth
+from clipfusion.fusion import fuse
+from clipfusion.maps import gaussian_smooth
 
 
 @pytest.mark.parametrize(("size", "sigma"), [(40, 2.0), (16, 4.0), (7, 4.0)])

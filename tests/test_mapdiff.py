@@ -291,7 +291,7 @@ def test_a_failed_fit_leaves_the_branch_unfitted(tiny: MapDiff) -> None:
     branch = variant(tiny).fit("wood", images(1))
     with pytest.raises(InputError):
         branch.fit("tile", [*images(1), "not an image"])
-    assert branch.object_name is None and branch.bank is None and branch.shots == 0
+    assert branch.object_name is None and branch.memory_bank is None and branch.shots == 0
     with pytest.raises(ClipfusionError, match="fit"):
         branch.predict(images(1))
 

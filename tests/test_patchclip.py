@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfusion.branches.patchclip import CLIP_MEAN, CLIP_STD, PatchCLIP, harmonic_aggregation
+from clipfusion.branches.patchclip import PatchCLIP, harmonic_aggregation, pixel_statistics
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, clip_prompt_ensemble
 
@@ -165,7 +165,9 @@ def test_bfloat16_runs_and_follows_float32(images, references):
         {"image_size": 224},  # the tiny ViT's positional embedding is for 240 px
         {"model": "no-such-architecture"},
         {"model": "hf-hub:timm/vit_base_patch16_plus_clip_240.laion400m_e31"},  # would reach the hub
-        {"pretrained": "no-such-tag"},
+        {"weights": "pretrained", "checkpoint": "no-such-tag"},
+        {"weights": "downloaded"},
+        {"distance": "manhattan"},
     ],
 )
 def test_bad_options_are_config_errors(options):
@@ -194,8 +196,11 @@ def test_preprocessing_is_open_clips_for_square_images():
 
     clip = PatchCLIP.from_preset("tiny")
     reference = image_transform_v2(PreprocessCfg(**clip.model.visual.preprocess_cfg), is_train=False)
-    assert tuple(clip.model.visual.preprocess_cfg["mean"]) == CLIP_MEAN
-    assert tuple(clip.model.visual.preprocess_cfg["std"]) == CLIP_STD
+    # WinCLIP's (and the paper's) statistics: OpenAI CLIP's, which open_clip records for this model
+    assert pixel_statistics(clip.model) == (
+        (0.48145466, 0.4578275, 0.40821073),
+        (0.26862954, 0.26130258, 0.27577711),
+    )
     assert clip.model.visual.preprocess_cfg["interpolation"] == "bicubic"
     for size in (64, 240, 333):
         image = _images(1, seed=size, size=(size, size))[0]

@@ -5,7 +5,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from clipfusion import report
+from clipfusion.outputs import report
 
 
 def test_colormap_runs_blue_to_red():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from clipfusion.calibration import Thresholds, calibrate
 from clipfusion.config import CLIPFusionConfig, MapDiffConfig, PatchCLIPConfig
 from clipfusion.errors import ClipfusionError
 
@@ -14,7 +15,9 @@ __all__ = [
     "ClipfusionError",
     "MapDiffConfig",
     "PatchCLIPConfig",
+    "Thresholds",
     "__version__",
+    "calibrate",
 ]
 
 

@@ -68,7 +68,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfusion.runtime import free_device_memory
+from clipfusion.config import parse_overrides
+from clipfusion.errors import ConfigError
+from clipfusion.runtime import free_device_memory, process_memory, reset_peak_memory
 
 LABEL = "random-init weights: compute and memory only, not detection quality"
 CATEGORY = "bottle_cap"  # synthetic category the inputs come from
@@ -401,9 +403,9 @@ def detector_overrides(settings: Settings, dtype: str | None) -> dict[str, Any]:
     """Keyword overrides for ``CLIPFusion.from_preset``: the device, the dtype (``None``: the preset's) and
     the user's ``--set`` options (dotted names become double underscores)."""
     overrides = {key.replace(".", "__"): value for key, value in settings.overrides.items()}
-    overrides.update(clip__device=settings.device, diffusion__device=settings.device)
+    overrides.update(device=settings.device)
     if dtype is not None:
-        overrides.update(clip__dtype=dtype, diffusion__dtype=dtype)
+        overrides.update(dtype=dtype)
     return overrides
 
 
@@ -433,21 +435,6 @@ def _import_winclip() -> Any:
     return winclip_module
 
 
-def winclip_pixels(images: Sequence[Any], size: int) -> torch.Tensor:
-    """What WinCLIP's transform gives (bicubic resize to ``size``, CLIP mean/std) as an (N, 3, S, S) tensor:
-    the same pre-processing as PatchCLIP's, so both detectors start from the same decoded images."""
-    from PIL import Image
-
-    from clipfusion.branches.patchclip import CLIP_MEAN, CLIP_STD
-
-    arrays = [
-        np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.uint8)
-        for img in images
-    ]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
-    return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-
 class WinCLIPBaseline:
     """anomalib's ``WinClipModel`` around our open_clip model (same architecture and seeded weights as the
     CLIP branch), one instance per regime sharing that model, on the detector's device and CLIP dtype.
@@ -458,16 +445,20 @@ class WinCLIPBaseline:
     it is timed as shipped, since that is what its users run.
     """
 
-    def __init__(self, clip_config: Any, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, clip_config: Any, device: str, dtype: torch.dtype, preprocess: Callable[[Any], torch.Tensor]
+    ) -> None:
         from clipfusion.models.clip import load_open_clip
 
         self.module = _import_winclip()
         self.device = torch.device(device)
         self.dtype = dtype
-        self.image_size = int(clip_config.image_size)
+        # WinCLIP's transform is PatchCLIP's pre-processing (bicubic to 240, CLIP mean/std): both detectors
+        # start from the same decoded images
+        self.preprocess = preprocess
         self.clip, _ = load_open_clip(
             clip_config.model,
-            clip_config.pretrained,
+            "random" if clip_config.weights == "random" else clip_config.checkpoint,
             device=self.device,
             dtype=dtype,
             init_seed=clip_config.init_seed,
@@ -495,7 +486,7 @@ class WinCLIPBaseline:
         return model
 
     def pixels(self, images: Sequence[Any]) -> torch.Tensor:
-        return winclip_pixels(images, self.image_size).to(self.device, self.dtype)
+        return self.preprocess(images).to(self.device, self.dtype)
 
     def predict(self, shots: int, images: Sequence[Any]) -> Any:
         """From decoded images to scores and maps, as CLIPFusion's ``predict`` is timed."""
@@ -730,26 +721,6 @@ def add_floor(stages: dict[str, Any], dtypes: dict[str, str], peaks: dict[str, d
 # memory and faithfulness (one subprocess per configuration)
 
 
-def _proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of this process, in bytes."""
-    values = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key = line.split(":", 1)[0]
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(line.split()[1]) * 1024
-    return values
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def collect_outputs(det: Any, images: Sequence[Any]) -> dict[str, np.ndarray]:
     """Scores and maps of ``images``, one at a time (batch 1, as the latency), as float32 arrays."""
     results = [det.predict([image], batch_size=1)[0] for image in images]
@@ -769,31 +740,31 @@ def memory_worker(spec_path: str | Path) -> int:
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    start_status = _proc_status()
+    start_status = process_memory()
     start = time.perf_counter()
     det = build_detector(spec["preset"], spec["overrides"])
     build_s = time.perf_counter() - start
     references, queries = load_inputs(Path(spec["data"]))
     # as `clipfusion predict` and `evaluate` do: the text embeddings are cached, the encoders dropped
     det.fit(OBJECT, references[: spec["shots"]]).release_text_encoders()
-    loaded = _proc_status()
+    loaded = process_memory()
     cuda = spec["device"].startswith("cuda")
     if cuda:
         load_vram = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    reset = _reset_peak_rss()
+    reset = reset_peak_memory()
     start = time.perf_counter()
     outputs = collect_outputs(det, _cycle(queries, spec["n_images"]))
     infer_s = time.perf_counter() - start
-    done = _proc_status()
+    done = process_memory()
     np.savez(spec["outputs"], **outputs)
     result = {
         "dtype": _dtype_label(det),
-        "rss_after_imports_gb": start_status.get("VmRSS", 0) / GB,
-        "rss_after_load_gb": loaded.get("VmRSS", 0) / GB,
-        "peak_load_gb": loaded.get("VmHWM", 0) / GB,
-        "peak_inference_gb": done.get("VmHWM", 0) / GB if reset else None,
-        "peak_life_gb": max(loaded.get("VmHWM", 0), done.get("VmHWM", 0)) / GB,
+        "rss_after_imports_gb": start_status.get("rss", 0) / GB,
+        "rss_after_load_gb": loaded.get("rss", 0) / GB,
+        "peak_load_gb": loaded.get("peak_rss", 0) / GB,
+        "peak_inference_gb": done.get("peak_rss", 0) / GB if reset else None,
+        "peak_life_gb": max(loaded.get("peak_rss", 0), done.get("peak_rss", 0)) / GB,
         "hwm_reset": reset,
         "build_s": build_s,
         "inference_s_per_image": infer_s / max(1, spec["n_images"]),
@@ -1071,7 +1042,7 @@ def speed_section(
     winclip = None
     if settings.winclip:
         clip_dtype = det.clip.dtype if getattr(det, "clip", None) is not None else torch.float32
-        winclip = WinCLIPBaseline(det.config.clip, device, clip_dtype)
+        winclip = WinCLIPBaseline(det.config.clip, device, clip_dtype, det.clip.preprocess)
         for k in sorted(
             set(settings.shots) | ({settings.throughput_shots} if settings.throughput else set())
         ):
@@ -1138,7 +1109,7 @@ def speed_section(
         det.fit(OBJECT, references[:k])
         batch = _cycle(queries, settings.batch)
         thr: dict[str, Any] = {"shots": k, "regime": _regime(k), "batch": settings.batch}
-        with det._branch_batch_size(settings.batch, exact=True), CpuMonitor() as monitor:
+        with CpuMonitor() as monitor:
             if settings.throughput_warmup == 0:  # at least a cheap batch-1 call after the other detector
                 det.predict(batch[:1], batch_size=1)
             if settings.cuda:
@@ -1913,13 +1884,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--memory-worker", default=None, help=argparse.SUPPRESS)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
     """Resolve the defaults: ``--quick`` picks the tiny preset and minimal counts, CUDA larger counts."""
     cuda = args.device.startswith("cuda")
@@ -1938,11 +1902,10 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
         # OpenMP barriers of a two-thread pool (smoke-run timings mean nothing anyway)
         s.threads = 1
     s.preset = args.preset or s.preset
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        s.overrides[key.strip()] = _parse_value(value.strip())
+    try:
+        s.overrides.update(parse_overrides(args.overrides))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
     if args.dtypes:
         s.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if args.shots:
@@ -1990,7 +1953,7 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path]:
 
 def write_report(results: dict[str, Any], json_path: Path, out: Path | None, results_dir: Path) -> str:
     """Write the JSON and the Markdown; a CPU report takes in the GPU results found next to its JSON."""
-    from clipfusion.io_utils import atomic_write_text  # an interrupted write never truncates old results
+    from clipfusion.outputs.files import atomic_write_text  # an interrupted write never truncates old results
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(results, indent=1, default=str) + "\n")

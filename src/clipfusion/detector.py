@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipfusion.branches import Branch
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.fusion import MAP_NAMES, SCORE_MODES, fuse
+from clipfusion.fusion import MAP_NAMES, fuse
+from clipfusion.progress import progress_bar
 from clipfusion.runtime import free_device_memory, return_freed_memory
 
 ImageLike = str | Path | Image.Image
@@ -52,58 +52,68 @@ def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
 
 
 class CLIPFusion:
-    """The fused detector. Either branch can be injected (tests, benchmarks, other weights); otherwise each
-    is built from its section of the configuration.
+    """The fused detector. Either branch can be injected (tests, benchmarks, other weights: anything that
+    implements :class:`~clipfusion.branches.Branch`); otherwise each is built from its section of the
+    configuration, with the weights found in ``weights_dir`` when one is given (a folder made by
+    ``clipfusion weights fetch``), else in the Hugging Face cache.
 
     ``config.use_clip`` / ``config.use_diffusion`` switch a branch off entirely (ablations, or CLIP-only runs
-    on small machines); a switched-off branch contributes zero maps.
+    on small machines); a switched-off branch contributes zero maps. ``local_files_only`` keeps the hub out of
+    loading (default: the hub library's own ``HF_HUB_OFFLINE`` setting; a weights folder never needs it).
     """
 
     def __init__(
         self,
         config: CLIPFusionConfig | None = None,
-        clip: Any | None = None,
-        diffusion: Any | None = None,
+        clip: Branch | None = None,
+        diffusion: Branch | None = None,
+        *,
+        weights_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
     ) -> None:
         self.config = config or load_preset("paper")
-        validate_config(self.config)
-        self.clip = clip
-        self.diffusion = diffusion
-        if (self.clip is None and self.config.use_clip) or (
-            self.diffusion is None and self.config.use_diffusion
-        ):
+        self.weights_dir = Path(weights_dir).expanduser() if weights_dir is not None else None
+        for given, name in ((clip, "clip"), (diffusion, "diffusion")):
+            if given is not None and not isinstance(given, Branch):
+                raise ConfigError(f"the {name} branch given does not implement clipfusion.branches.Branch")
+        if (clip is None and self.config.use_clip) or (diffusion is None and self.config.use_diffusion):
             from clipfusion.models.weights import apply_weights_dir
 
-            # a weights folder ($CLIPFUSION_WEIGHTS / --weights) replaces hub ids by local paths for loading
-            # only; self.config keeps the portable names that results record
-            local = apply_weights_dir(self.config)
-            if self.clip is None and self.config.use_clip:
+            # the weights folder replaces hub ids by local paths for loading only; self.config keeps the
+            # portable names that results record
+            clip_config, diffusion_config = apply_weights_dir(self.config, self.weights_dir).branch_configs()
+            if clip is None and self.config.use_clip:
                 from clipfusion.branches.patchclip import PatchCLIP
 
-                self.clip = PatchCLIP.from_config(local.clip)
-            if self.diffusion is None and self.config.use_diffusion:
+                clip = PatchCLIP.from_config(clip_config, local_files_only=local_files_only)
+            if diffusion is None and self.config.use_diffusion:
                 from clipfusion.branches.mapdiff import MapDiff
 
-                self.diffusion = MapDiff.from_config(local.diffusion)
+                diffusion = MapDiff.from_config(diffusion_config, local_files_only=local_files_only)
             # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
             return_freed_memory()
+        self.clip: Branch | None = clip if self.config.use_clip else None
+        self.diffusion: Branch | None = diffusion if self.config.use_diffusion else None
+        self.branches: list[Branch] = [b for b in (self.clip, self.diffusion) if b is not None]
         self.object_name: str | None = None
         self.references: list[str] = []
         self.timings: dict[str, float] = {}
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str = "paper", **overrides: Any) -> CLIPFusion:
+    def from_preset(
+        cls, name: str = "paper", *, weights_dir: str | Path | None = None, **overrides: Any
+    ) -> CLIPFusion:
         """A preset (``paper``, ``tiny``, ``random-full``) with keyword overrides of any option; branch
         options use double underscores or dots: ``from_preset("tiny", clip__patch_mode="crops")``."""
         config = load_preset(name)
         if overrides:
             config = with_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
-        return cls(config)
+        return cls(config, weights_dir=weights_dir)
 
     @classmethod
-    def from_config_file(cls, path: str | Path) -> CLIPFusion:
-        return cls(load_config(path))
+    def from_config_file(cls, path: str | Path, *, weights_dir: str | Path | None = None) -> CLIPFusion:
+        return cls(load_config(path), weights_dir=weights_dir)
 
     def save_config(self, path: str | Path) -> Path:
         return save_config(self.config, path)
@@ -112,6 +122,11 @@ class CLIPFusion:
     @property
     def shots(self) -> int:
         return len(self.references)
+
+    @property
+    def default_batch_size(self) -> int:
+        """Images per forward pass when a call does not say: the smallest of the branches' own."""
+        return min(b.default_batch_size for b in self.branches)
 
     def fit(self, object_name: str, references: Iterable[ImageLike] | None = None) -> CLIPFusion:
         """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
@@ -122,7 +137,7 @@ class CLIPFusion:
         loaded = [_as_image(r) for r in (references or [])]
         images = [img for img, _ in loaded]
         start = time.perf_counter()
-        for branch in self._branches():
+        for branch in self.branches:
             branch.fit(name, images)
         self.timings["fit"] = time.perf_counter() - start
         self.object_name = name
@@ -134,29 +149,23 @@ class CLIPFusion:
         :meth:`release_text_encoders` in a run over several categories."""
         from clipfusion.data import object_name as to_object_name
 
-        for raw in object_names:
-            name = to_object_name(raw, self.config.object_names)
-            if hasattr(self.clip, "text_features"):
-                self.clip.text_features(name)
-            if hasattr(self.diffusion, "prompt_embeddings"):
-                for state in self.diffusion.config.state_words:
-                    self.diffusion.prompt_embeddings(name, state)
+        names = [to_object_name(raw, self.config.object_names) for raw in object_names]
+        for branch in self.branches:
+            branch.prepare(names)
         return self
 
     def release_text_encoders(self) -> CLIPFusion:
         """Free both text encoders (≈ 1.8 GB in float32 for the paper models) once every object name that
         will be used has been fitted or prepared; scoring images needs only the image towers."""
-        if hasattr(self.clip, "release_text_tower"):
-            self.clip.release_text_tower()
-        if hasattr(self.diffusion, "release_text_encoder"):
-            self.diffusion.release_text_encoder()
+        for branch in self.branches:
+            branch.release_text_encoder()
         return_freed_memory()
         return self
 
     def predict(
         self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
     ) -> list[AnomalyResult]:
-        """Score images (paths or PIL images), ``batch_size`` at a time (default: the branches' own).
+        """Score images (paths or PIL images), ``batch_size`` per forward pass (default: the branches' own).
 
         Out of memory on a batch, the batch is halved and retried (down to one image), so a batch size
         that is too large for the device costs time, not the run; at one image it is a clear error.
@@ -165,16 +174,17 @@ class CLIPFusion:
             raise RuntimeError("call fit(object_name, references) before predict")
         if isinstance(images, str | Path | Image.Image):
             images = [images]
-        batch_size = batch_size or max(1, min(self._branch_batch_sizes()))
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = batch_size or self.default_batch_size
         results: list[AnomalyResult] = []
-        bar = _progress(len(images), "predict", progress)
+        bar = progress_bar(len(images), "predict", enabled=progress)
         config_dict = self.config.to_dict()
         start = 0
         while start < len(images):
             chunk = [_as_image(item) for item in images[start : start + batch_size]]
             try:
-                with self._branch_batch_size(batch_size):
-                    outputs = self.predict_tensors([img for img, _ in chunk])
+                outputs = self.predict_tensors([img for img, _ in chunk], batch_size=batch_size)
             except torch.OutOfMemoryError as exc:
                 free_device_memory()
                 if batch_size == 1:
@@ -200,36 +210,18 @@ class CLIPFusion:
         bar.close()
         return results
 
-    @contextlib.contextmanager
-    def _branch_batch_size(self, batch_size: int, *, exact: bool = False) -> Iterator[None]:
-        """The branches split their input by their own batch size; cap it at the detector's for one call
-        (``exact``: also raise it, so that a benchmark's batch goes through the branches in one piece)."""
-        saved = []
-        for branch in self._branches():
-            config = getattr(branch, "config", None)
-            current = getattr(config, "batch_size", None)
-            if (
-                dataclasses.is_dataclass(config)
-                and current is not None
-                and (current > batch_size or (exact and current != batch_size))
-            ):
-                saved.append((branch, config))
-                branch.config = dataclasses.replace(config, batch_size=batch_size)
-        try:
-            yield
-        finally:
-            for branch, config in saved:
-                branch.config = config
-
-    def predict_tensors(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """One batch through both branches and the fusion; tensors on the CPU, float32."""
+    def predict_tensors(
+        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One list of images through both branches (``batch_size`` per forward pass) and the fusion;
+        float32 CPU tensors: ``score``, ``anomaly_map``, the four smoothed maps and ``s_clip_L``."""
         cfg = self.config
         outputs: dict[str, torch.Tensor] = {}
-        for branch in self._branches():
+        for branch in self.branches:
             start = time.perf_counter()
-            outputs.update({k: v.detach().float().cpu() for k, v in branch.predict(images).items()})
-            key = "clip" if branch is self.clip else "diffusion"
-            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+            produced = branch.predict(images, batch_size=batch_size)
+            outputs.update({k: v.detach().float().cpu() for k, v in produced.items()})
+            self.timings[branch.name] = self.timings.get(branch.name, 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         anomaly_map, score, smoothed = fuse(
             {k: outputs.get(k) for k in MAP_NAMES},
@@ -248,49 +240,6 @@ class CLIPFusion:
         if "s_clip_L" in outputs:
             result["s_clip_L"] = outputs["s_clip_L"]
         return result
-
-    # -- helpers ------------------------------------------------------------------------------------------
-    def _branches(self) -> list[Any]:
-        return [b for b in (self.clip, self.diffusion) if b is not None]
-
-    def _branch_batch_sizes(self) -> list[int]:
-        sizes = [b.config.batch_size for b in self._branches() if hasattr(b, "config")]
-        return sizes or [8]
-
-
-def validate_config(config: CLIPFusionConfig) -> None:
-    """Refuse values that would silently give wrong maps, before any model is loaded."""
-    problems = []
-    for name in ("alpha_map", "alpha_score"):
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            problems.append(f"{name} must lie in [0, 1], got {value}")
-    if config.sigma < 0:
-        problems.append(f"sigma must be >= 0, got {config.sigma}")
-    if config.output_size < 8:
-        problems.append(f"output_size must be at least 8, got {config.output_size}")
-    if config.score_mode not in SCORE_MODES:
-        problems.append(f"score_mode must be one of {', '.join(SCORE_MODES)}, got {config.score_mode!r}")
-    if not (config.use_clip or config.use_diffusion):
-        problems.append("use_clip and use_diffusion are both false: nothing would be computed")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
 __all__ = ["AnomalyResult", "CLIPFusion"]

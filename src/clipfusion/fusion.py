@@ -11,53 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from clipfusion.config import SCORE_MODES
+from clipfusion.maps import gaussian_smooth, resize_maps
 
 CLIP_TERMS = ("clip_L", "clip_V")
 DIFFUSION_TERMS = ("diff_L", "diff_V")
 MAP_NAMES = CLIP_TERMS + DIFFUSION_TERMS
-SCORE_MODES = ("terms", "max")
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    radius = max(1, int(truncate * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def _symmetric_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    # scipy's "reflect" (half-sample symmetric: d c b a | a b c d | d c b a), valid for any radius
-    i = torch.arange(-radius, size + radius, device=device) % (2 * size)
-    return torch.where(i < size, i, 2 * size - 1 - i)
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, H, W)`` maps, equal to ``scipy.ndimage.gaussian_filter`` with its
-    defaults (mode "reflect", kernel cut at 4σ), so smoothed maps match what reference evaluations do.
-
-    σ = 0 returns the maps unchanged.
-    """
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma).to(maps.device)
-    radius = kernel.numel() // 2
-    x = maps.float().unsqueeze(1)
-    height, width = x.shape[-2:]
-    x = x.index_select(3, _symmetric_indices(width, radius, x.device))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = x.index_select(2, _symmetric_indices(height, radius, x.device))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
-
-
-def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of ``(N, h, w)`` maps to ``(N, size, size)``; a no-op at the right size."""
-    if maps.shape[-2:] == (size, size):
-        return maps.float()
-    return F.interpolate(maps.float().unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[
-        :, 0
-    ]
 
 
 def fuse(

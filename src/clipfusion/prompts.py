@@ -1,4 +1,5 @@
-"""Text prompts: WinCLIP's compositional prompt ensemble (CLIP branch) and the diffusion state prompt.
+"""Text prompts of the CLIP branch: WinCLIP's compositional prompt ensemble. (The diffusion branch's one
+prompt is ``diffusion.prompt_template``, filled and tokenised in :mod:`clipfusion.branches.mapdiff`.)
 
 The CLIP ensemble must produce exactly the strings anomalib's WinCLIP uses, so that the text features (and
 hence every language-guided score) can be checked against that reference implementation. anomalib's
@@ -62,8 +63,3 @@ def clip_prompt_ensemble(object_name: str) -> tuple[list[str], list[str]]:
         _fill(template, _fill(state, object_name)) for state in ANOMALOUS_STATES for template in TEMPLATES
     ]
     return normal, anomalous
-
-
-def diffusion_prompt(template: str, object_name: str, state: str) -> str:
-    """The diffusion branch's prompt, e.g. ``a close-up cropped png photo of a bottle with damage``."""
-    return template.replace("{object}", object_name).replace("{state}", state)

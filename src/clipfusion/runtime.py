@@ -87,3 +87,31 @@ def _malloc_trim() -> Any:
         return None
     trim.argtypes = [ctypes.c_size_t]
     return trim
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident set now (``rss``) and its peak (``peak_rss``), in bytes, from
+    ``/proc/self/status``; empty where there is no such file (not Linux)."""
+    import contextlib
+    from pathlib import Path
+
+    names = {"VmRSS": "rss", "VmHWM": "peak_rss"}
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in names:
+                values[names[key]] = int(line.split()[1]) * 1024
+    return values
+
+
+def reset_peak_memory() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so the next peak measures one phase;
+    False where that is not allowed."""
+    from pathlib import Path
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,71 @@
+"""The two branches of CLIPFusion and the one interface the detector knows them by.
+
+:class:`PatchCLIP` (``patchclip.py``) and :class:`MapDiff` (``mapdiff.py``) each turn images into component
+maps; ``memory.py`` holds the nearest-neighbour distance both memory-bank maps use and ``attention.py`` the
+cross-attention capture of the diffusion branch. Branches take images and return tensors; loading lives in
+:mod:`clipfusion.models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    Images = Sequence[Image.Image] | torch.Tensor
+
+
+@runtime_checkable
+class Branch(Protocol):
+    """What the detector asks of a branch, and all it asks (an injected or fake branch implements this).
+
+    ``predict`` returns float32 CPU tensors keyed by name: some of :attr:`map_names` (``(N, S, S)``; the
+    memory-bank map only after a few-shot ``fit``) and possibly image-level scores such as ``s_clip_L``
+    (``(N,)``). ``batch_size`` is how many images go through the models at once (``None``: the branch's
+    :attr:`default_batch_size`); it changes time and memory, never the result.
+    """
+
+    #: ``"clip"`` or ``"diffusion"``: the name timings and options use
+    name: str
+    #: the component maps this branch can produce (e.g. ``("clip_L", "clip_V")``)
+    map_names: tuple[str, ...]
+    #: images per forward pass when the caller does not say
+    default_batch_size: int
+
+    @property
+    def shots(self) -> int:
+        """Reference images in the memory bank of the last ``fit`` (0: zero-shot)."""
+        ...
+
+    def fit(self, object_name: str, images: Images | None = None) -> Branch:
+        """Prompts for ``object_name`` and, given normal reference images, the memory bank."""
+        ...
+
+    def prepare(self, object_names: Iterable[str]) -> None:
+        """Compute and cache the text side for every object name (before :meth:`release_text_encoder`)."""
+        ...
+
+    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Component maps (and scores) of ``images``, ``batch_size`` images per forward pass."""
+        ...
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder once every object name that will be used is prepared or fitted."""
+        ...
+
+
+def resolve_batch_size(batch_size: int | None, default: int) -> int:
+    """A ``predict`` call's batch size: the one asked for, else the branch's default; refuses nonsense."""
+    from clipfusion.errors import ConfigError
+
+    if batch_size is None:
+        return default
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+__all__ = ["Branch", "resolve_batch_size"]

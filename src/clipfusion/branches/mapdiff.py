@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipfusion.branches import resolve_batch_size
 from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
+from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import MapDiffConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.memory import nearest_neighbour_distance
+from clipfusion.maps import resize_maps
 
 Images = Sequence[Image.Image] | torch.Tensor
 
@@ -100,11 +102,15 @@ def _tensor_output(output: Any) -> torch.Tensor:
 
 
 class MapDiff:
-    """The diffusion branch: ``fit(object_name, references)``, then ``predict(images)``.
+    """The diffusion branch (a :class:`~clipfusion.branches.Branch`): ``fit(object_name, references)``, then
+    ``predict(images)``.
 
     Takes already-loaded components (any device and dtype; the maps are computed in float32), so that tests
     and benchmarks can inject their own; :meth:`from_preset` and :meth:`from_config` load them.
     """
+
+    name = "diffusion"
+    map_names = ("diff_L", "diff_V")
 
     def __init__(
         self,
@@ -120,7 +126,7 @@ class MapDiff:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        self.config = config or MapDiffConfig()
+        self.config = (config or MapDiffConfig()).placed()
         self.attention_layers = cross_attention_layers(unet, self.config.attention_blocks)
         self._check_components()
         self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
@@ -128,8 +134,8 @@ class MapDiff:
         self._encoder_fn: Any = None
         self.object_name: str | None = None
         self.prompts: dict[str, PromptTokens] = {}
-        # bank[(state word, noise draw)][feature block] = (M, C) reference features
-        self.bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
+        # memory_bank[(state word, noise draw)][feature block] = (M, C) reference features
+        self.memory_bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
         self._n_references = 0
 
     # -- construction -------------------------------------------------------------------------------------
@@ -141,9 +147,13 @@ class MapDiff:
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
     ) -> MapDiff:
-        """Load the components the configuration names (pretrained or random) and wrap them."""
+        """Load the components the configuration names (pretrained or random) and wrap them.
+
+        ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
+        """
         from clipfusion.models.diffusion import load_diffusion_components
 
+        config = config.placed()
         components = load_diffusion_components(config, cache_dir=cache_dir, local_files_only=local_files_only)
         vae = components.vae
         # the branch only encodes: the decoder (a third of the VAE) is dead weight here
@@ -160,7 +170,7 @@ class MapDiff:
         Options are validated as a configuration file's would be: an unknown name or a bad value is a
         :class:`~clipfusion.errors.ConfigError` before anything is loaded.
         """
-        config = load_preset(name).diffusion
+        config = load_preset(name).branch_configs()[1]
         if options:
             config = with_overrides(config, options)
         return cls.from_config(config)
@@ -220,6 +230,10 @@ class MapDiff:
     def shots(self) -> int:
         """Number of reference images in the memory bank (0: zero-shot)."""
         return self._n_references
+
+    @property
+    def default_batch_size(self) -> int:
+        return self.config.batch_size
 
     # -- prompts ------------------------------------------------------------------------------------------
     def tokenize_prompt(self, object_name: str, state: str) -> PromptTokens:
@@ -281,6 +295,12 @@ class MapDiff:
                 hidden = self.text_encoder(ids.to(device))[0]
             self._embeddings[key] = hidden.to(device=self.device, dtype=self.dtype)
         return self._embeddings[key]
+
+    def prepare(self, object_names: Iterable[str]) -> None:
+        """Cache the prompt embeddings of every object name, e.g. before :meth:`release_text_encoder`."""
+        for name in object_names:
+            for state in self.config.state_words:
+                self.prompt_embeddings(name, state)
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) once every object's prompts are cached."""
@@ -437,7 +457,7 @@ class MapDiff:
                 raise ClipfusionError(f"{name}: {probs.shape[1]} attention queries do not form a square grid")
             per_layer.append(probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], side, side))
         grid = max(p.shape[-1] for p in per_layer)
-        mean = torch.stack([_resize(p, grid) for p in per_layer]).mean(dim=0)  # (B, tokens, G, G)
+        mean = torch.stack([resize_maps(p, grid) for p in per_layer]).mean(dim=0)  # (B, tokens, G, G)
         mode = self.config.attention_normaliser
         stop = {"prompt": prompt.end_position + 1, "words": prompt.end_position, "sequence": mean.shape[1]}[
             mode
@@ -447,13 +467,18 @@ class MapDiff:
         return (word / total.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
 
     def feature_distance(self, capture: UNetCapture, bank: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``diff_V`` of one pass, ``(B, G, G)``: nearest-reference cosine distance, averaged over blocks."""
+        """``diff_V`` of one pass, ``(B, G, G)``: distance to the nearest reference feature (``distance``),
+        averaged over blocks."""
         maps = []
         for name in self.config.feature_blocks:
             features = capture.features[name]
-            maps.append(nearest_neighbour_distance(features.permute(0, 2, 3, 1), bank[name]))
+            maps.append(
+                nearest_neighbour_distance(
+                    features.permute(0, 2, 3, 1), bank[name], distance=self.config.distance
+                )
+            )
         grid = max(m.shape[-1] for m in maps)
-        return torch.stack([_resize(m[:, None], grid)[:, 0] for m in maps]).mean(dim=0)
+        return torch.stack([resize_maps(m, grid) for m in maps]).mean(dim=0)
 
     def _bank_entries(self, capture: UNetCapture) -> dict[str, torch.Tensor]:
         entries = {}
@@ -485,7 +510,7 @@ class MapDiff:
         if not object_name or not object_name.strip():
             raise InputError("the object name must not be empty")
         # a failed fit leaves the branch unfitted, never half-fitted with another object's prompts or bank
-        self.object_name, self.bank, self._n_references = None, None, 0
+        self.object_name, self.memory_bank, self._n_references = None, None, 0
         prompts = {state: self.tokenize_prompt(object_name, state) for state in self.config.state_words}
         for state in self.config.state_words:
             self.prompt_embeddings(object_name, state)
@@ -495,7 +520,7 @@ class MapDiff:
         try:
             self._build_bank(self.preprocess(references))
         except BaseException:
-            self.object_name, self.bank = None, None
+            self.object_name, self.memory_bank = None, None
             raise
         return self
 
@@ -508,12 +533,12 @@ class MapDiff:
                 slot = parts.setdefault((state, draw), {})
                 for name, entries in self._bank_entries(capture).items():
                     slot.setdefault(name, []).append(entries)
-        self.bank = {
+        self.memory_bank = {
             key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
         }
         self._n_references = int(pixels.shape[0])
 
-    def predict(self, images: Images) -> dict[str, torch.Tensor]:
+    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """``diff_L`` and, after a few-shot fit, ``diff_V``: float32 ``(N, S, S)`` on the CPU.
 
         S is ``output_size``. Images are processed ``batch_size`` at a time; an image's maps do not depend
@@ -521,30 +546,22 @@ class MapDiff:
         """
         if self.object_name is None:
             raise ClipfusionError("call fit(object_name, references) before predict")
+        batch = resolve_batch_size(batch_size, self.config.batch_size)
         pixels = self.preprocess(images)
         outputs: dict[str, list[torch.Tensor]] = {"diff_L": [], "diff_V": []}
         n_passes = self.config.n_noise * len(self.config.state_words)
-        for start in range(0, pixels.shape[0], self.config.batch_size):
+        for start in range(0, pixels.shape[0], batch):
             language = visual = None
-            for state, draw, capture in self._passes(
-                pixels[start : start + self.config.batch_size], attention=True
-            ):
+            for state, draw, capture in self._passes(pixels[start : start + batch], attention=True):
                 m_l = self.attention_map(capture, self.prompts[state])
                 language = m_l if language is None else language + m_l
-                if self.bank is not None:
-                    m_v = self.feature_distance(capture, self.bank[(state, draw)])
+                if self.memory_bank is not None:
+                    m_v = self.feature_distance(capture, self.memory_bank[(state, draw)])
                     visual = m_v if visual is None else visual + m_v
-            outputs["diff_L"].append(_resize(language[:, None] / n_passes, self.config.output_size)[:, 0])
+            outputs["diff_L"].append(resize_maps(language / n_passes, self.config.output_size))
             if visual is not None:
-                outputs["diff_V"].append(_resize(visual[:, None] / n_passes, self.config.output_size)[:, 0])
+                outputs["diff_V"].append(resize_maps(visual / n_passes, self.config.output_size))
         return {name: torch.cat(maps).float().cpu() for name, maps in outputs.items() if maps}
-
-
-def _resize(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of ``(B, C, h, w)`` maps to ``size × size`` (a convex combination: bounds are kept)."""
-    if maps.shape[-1] == size and maps.shape[-2] == size:
-        return maps
-    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
 __all__ = ["MapDiff", "PromptTokens", "UNetCapture", "stop_block"]

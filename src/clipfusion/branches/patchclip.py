@@ -21,7 +21,7 @@ loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons can han
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,15 +30,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from clipfusion.branches import resolve_batch_size
+from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import PatchCLIPConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.memory import nearest_neighbour_distance
+from clipfusion.maps import resize_maps
 from clipfusion.prompts import clip_prompt_ensemble
 from clipfusion.runtime import resolve_device, resolve_dtype
-
-#: OpenAI CLIP's channel statistics, which WinCLIP (and the paper) use for ViT-B-16-plus-240
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageFeatures(NamedTuple):
@@ -66,15 +64,20 @@ class PatchFeatures(NamedTuple):
 
 
 class PatchCLIP:
-    """The CLIP branch: ``fit(object_name, references)`` then ``predict(images)``.
+    """The CLIP branch (a :class:`~clipfusion.branches.Branch`): ``fit(object_name, references)`` then
+    ``predict(images)``.
 
     The model is moved (in place, as ``nn.Module.to`` does) to the configuration's device and dtype and put in
     eval mode. Text features are cached per object name for the life of the instance; the memory bank is
-    replaced by every ``fit``.
+    replaced by every ``fit``. The pixel statistics come from the model's open_clip pre-processing
+    configuration (the pretrained tag's, for ViT-B-16-plus-240 OpenAI CLIP's mean and std, as WinCLIP uses).
     """
 
+    name = "clip"
+    map_names = ("clip_L", "clip_V")
+
     def __init__(self, model: nn.Module, tokenizer: Any, config: PatchCLIPConfig | None = None) -> None:
-        self.config = config if config is not None else PatchCLIPConfig()
+        self.config = (config if config is not None else PatchCLIPConfig()).placed()
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -91,52 +94,74 @@ class PatchCLIP:
             raise ConfigError(
                 f"clip.window_size {self.config.window_size} is larger than the token grid {self.grid_size}"
             )
-        self._mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        mean, std = pixel_statistics(model)
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._window_index = _window_index(self.grid_size, self.config.window_size).to(self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.object_name: str | None = None
         self.memory_bank: torch.Tensor | None = None
-        self.k_shot = 0
+        self._shots = 0
 
     # -----------------------------------------------------------------------------------------------------
     # construction
 
     @classmethod
-    def from_config(cls, config: PatchCLIPConfig, *, cache_dir: str | None = None) -> PatchCLIP:
-        """Load the model the configuration names (tag, local checkpoint or random) and wrap it."""
+    def from_config(
+        cls,
+        config: PatchCLIPConfig,
+        *,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> PatchCLIP:
+        """Load the model the configuration names (tag, local checkpoint or random) and wrap it.
+
+        ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
+        """
         from clipfusion.models.clip import load_open_clip
 
+        config = config.placed()
         device = resolve_device(config.device)
         model, tokenizer = load_open_clip(
             config.model,
-            config.pretrained,
+            "random" if config.weights == "random" else config.checkpoint,
             device=device,
             dtype=resolve_dtype(config.dtype, device),
             init_seed=config.init_seed,
             cache_dir=cache_dir,
+            local_files_only=local_files_only,
         )
         return cls(model, tokenizer, config)
 
     @classmethod
     def from_preset(cls, name: str = "paper", *, cache_dir: str | None = None, **options: Any) -> PatchCLIP:
-        """A preset's CLIP branch; ``options`` override :class:`PatchCLIPConfig` fields by name."""
-        config = with_overrides(load_preset(name).clip, options)
+        """A preset's CLIP branch (with the preset's placement); ``options`` override
+        :class:`PatchCLIPConfig` fields by name."""
+        config = with_overrides(load_preset(name).branch_configs()[0], options)
         return cls.from_config(config, cache_dir=cache_dir)
+
+    @property
+    def default_batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def shots(self) -> int:
+        """Reference images in the memory bank (0: zero-shot)."""
+        return self._shots
 
     # -----------------------------------------------------------------------------------------------------
     # the estimator interface
 
-    def fit(self, object_name: str, references: Sequence[Image.Image] = ()) -> PatchCLIP:
+    def fit(self, object_name: str, references: Sequence[Image.Image] | None = None) -> PatchCLIP:
         """Prepare for one object: its text features and, given references, the memory bank (few-shot).
 
         No references means zero-shot: ``predict`` then returns no ``clip_V``.
         """
-        references = _checked_images(references, "reference")
+        references = _checked_images(references or [], "reference")
         self.text_features(object_name)
         self.object_name = object_name
         self.memory_bank = None
-        self.k_shot = len(references)
+        self._shots = len(references)
         if references:
             with torch.inference_mode():
                 units = [
@@ -147,21 +172,24 @@ class PatchCLIP:
             self.memory_bank = bank.reshape(-1, bank.shape[-1])
         return self
 
-    def predict(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """Maps and scores of a list of images, as float32 CPU tensors.
+    def predict(
+        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Maps and scores of a list of images, as float32 CPU tensors, ``batch_size`` images per pass.
 
         ``clip_L`` ``(N, S, S)``: probability of the anomalous prompts per unit, upsampled (bilinear) to
         ``S = output_size``; ``s_clip_L`` ``(N,)``: the same probability for the global image embedding;
-        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: cosine distance to the nearest reference unit.
+        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: distance to the nearest reference unit.
         """
         if self.object_name is None:
             raise ClipfusionError("PatchCLIP.predict was called before fit(object_name, references)")
         images = _checked_images(images, "image")
+        batch = resolve_batch_size(batch_size, self.config.batch_size)
         text = self.text_features(self.object_name)
         outputs: dict[str, list[torch.Tensor]] = {}
         with torch.inference_mode():
-            for start in range(0, len(images), self.config.batch_size):
-                features = self.features(images[start : start + self.config.batch_size])
+            for start in range(0, len(images), batch):
+                features = self.features(images[start : start + batch])
                 for key, value in self.maps_from_features(features, text, self.memory_bank).items():
                     outputs.setdefault(key, []).append(value)
         if not outputs:  # no images: empty tensors of the right shapes
@@ -184,10 +212,10 @@ class PatchCLIP:
         cached = self._text_cache.get(object_name)
         if cached is not None:
             return cached
-        if self.text_released:
+        if self.text_encoder_released:
             raise ClipfusionError(
-                f"the CLIP text tower was released to save memory; {object_name!r} was not prepared before "
-                "(prepare every object name before release_text_tower)"
+                f"the CLIP text encoder was released to save memory; {object_name!r} was not prepared before "
+                "(prepare every object name before release_text_encoder)"
             )
         rows = []
         with torch.inference_mode():
@@ -201,11 +229,16 @@ class PatchCLIP:
         self._text_cache[object_name] = features
         return features
 
+    def prepare(self, object_names: Iterable[str]) -> None:
+        """Cache the text features of every object name, e.g. before :meth:`release_text_encoder`."""
+        for name in object_names:
+            self.text_features(name)
+
     @property
-    def text_released(self) -> bool:
+    def text_encoder_released(self) -> bool:
         return getattr(self.model, "transformer", None) is None
 
-    def release_text_tower(self) -> None:
+    def release_text_encoder(self) -> None:
         """Free the text tower once every object's text features are cached (a third of ViT-B-16+'s weights).
 
         Only the image tower is needed to score images; asking for an object whose features were not cached
@@ -313,7 +346,9 @@ class PatchCLIP:
         outputs["clip_L"] = self._to_map(self._anomalous_probability(language, text)).cpu()
         if memory_bank is not None:
             # 1 - cos can come out a hair below 0 in floating point; the harmonic mean needs it >= 0
-            distance = nearest_neighbour_distance(features.visual, memory_bank).clamp_min(0.0)
+            distance = nearest_neighbour_distance(
+                features.visual, memory_bank, distance=self.config.distance
+            ).clamp_min(0.0)
             outputs["clip_V"] = self._to_map(distance).cpu()
         return outputs
 
@@ -332,8 +367,7 @@ class PatchCLIP:
             grid = harmonic_aggregation(scores, self.grid_size, self.config.window_size)
         else:
             grid = scores.reshape(scores.shape[0], self.config.crop_grid, self.config.crop_grid)
-        size = self.config.output_size
-        return F.interpolate(grid.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return resize_maps(grid, self.config.output_size)
 
     def _transformer(self, x: torch.Tensor) -> torch.Tensor:
         transformer = self._visual.transformer
@@ -373,6 +407,19 @@ def _window_index(grid_size: tuple[int, int], window: int) -> torch.Tensor:
     ]
     windows = torch.stack(index)
     return torch.cat([torch.zeros(windows.shape[0], 1, dtype=windows.dtype), windows], dim=1)
+
+
+def pixel_statistics(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the model's open_clip pre-processing configuration (set from the pretrained tag or the
+    architecture's config when the model was built; OpenAI CLIP's statistics when neither says)."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"the CLIP model's pre-processing gives mean {mean} and std {std}: expected RGB")
+    return mean, std
 
 
 def _checked_visual(model: nn.Module) -> nn.Module:

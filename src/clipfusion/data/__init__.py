@@ -5,6 +5,8 @@ arrays or tensors.
 """
 
 from clipfusion.data._common import IMAGE_SUFFIXES, SPLITS, Sample, SampleList
+from clipfusion.data.checks import check_images, check_samples, collect_images
+from clipfusion.data.datasets import DATASET_KINDS, dataset_categories, open_split
 from clipfusion.data.folder import FolderDataset
 from clipfusion.data.images import load_image, load_mask
 from clipfusion.data.mvtec import MVTEC_CATEGORIES, MVTecAD
@@ -14,6 +16,7 @@ from clipfusion.data.synthetic import SYNTHETIC_CATEGORIES, SYNTHETIC_DEFECTS, m
 from clipfusion.data.visa import VISA_CATEGORIES, VisA
 
 __all__ = [
+    "DATASET_KINDS",
     "IMAGE_SUFFIXES",
     "MVTEC_CATEGORIES",
     "SPLITS",
@@ -25,9 +28,14 @@ __all__ = [
     "Sample",
     "SampleList",
     "VisA",
+    "check_images",
+    "check_samples",
+    "collect_images",
+    "dataset_categories",
     "load_image",
     "load_mask",
     "make_synthetic_dataset",
     "object_name",
+    "open_split",
     "sample_references",
 ]

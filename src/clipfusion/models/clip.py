@@ -48,9 +48,10 @@ CHECKPOINT_NAMES = (
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _HOW_TO_PROVIDE = (
-    "provide the weights with `--weights DIR` (a folder made by `clipfusion weights fetch` on a connected "
-    "machine), or set clip.pretrained to a local checkpoint file or folder "
-    "(e.g. open_clip_model.safetensors), or run once with network access so the Hugging Face cache holds them"
+    "provide a weights folder made by `clipfusion weights fetch --to DIR` on a connected machine "
+    "(Python: weights_dir=DIR; command line: --weights-dir DIR or CLIPFUSION_WEIGHTS=DIR), or set "
+    "clip.checkpoint to a local checkpoint file or folder (e.g. open_clip_model.safetensors), or run once "
+    "with network access so the Hugging Face cache holds them"
 )
 
 _registered = False
@@ -81,12 +82,16 @@ def load_open_clip(
     dtype: torch.dtype = torch.float32,
     init_seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
 ) -> tuple[nn.Module, Any]:
     """Build an open_clip model and its tokenizer, in eval mode on ``device`` in ``dtype``.
 
-    The weights are built on the CPU in float32 first, so that a given ``init_seed`` gives the same random
-    model on every device, and the global torch RNG is left as it was. The tokenizer is open_clip's bundled
-    BPE tokenizer (no download).
+    ``pretrained`` is an open_clip tag, a local checkpoint file or folder, or ``"random"``. The weights are
+    built on the CPU in float32 first, so that a given ``init_seed`` gives the same random model on every
+    device, and the global torch RNG is left as it was. A tag's pre-processing (mean, std) is recorded on the
+    model as open_clip records it, so the branch normalises pixels as the weights expect. The tokenizer is
+    open_clip's bundled BPE tokenizer (no download). ``local_files_only`` keeps the hub out of it (default:
+    ``huggingface_hub``'s own offline setting, ``HF_HUB_OFFLINE``).
     """
     import open_clip
 
@@ -95,14 +100,14 @@ def load_open_clip(
         # open_clip would fetch the config (and weights) from the hub; here weights come from `pretrained`
         raise ConfigError(
             f"clip.model {model!r}: give an architecture name (e.g. ViT-B-16-plus-240) and put the hub "
-            "repository's checkpoint file or folder in clip.pretrained"
+            "repository's checkpoint file or folder in clip.checkpoint"
         )
     if open_clip.get_model_config(model) is None:
         raise ConfigError(
             f"unknown CLIP architecture {model!r}; known: clipfusion-tiny, ViT-B-16-plus-240 and the other "
             "open_clip model configs (open_clip.list_models())"
         )
-    checkpoint = resolve_checkpoint(model, pretrained, cache_dir=cache_dir)
+    checkpoint = resolve_checkpoint(model, pretrained, cache_dir=cache_dir, local_files_only=local_files_only)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
@@ -115,6 +120,12 @@ def load_open_clip(
             logging.disable(previous)
     if checkpoint is not None:
         load_checkpoint_into(clip, checkpoint, model=model)
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained != RANDOM else {}
+    if tag_cfg:
+        from open_clip.transform import merge_preprocess_dict
+
+        preprocess = merge_preprocess_dict(open_clip.get_model_preprocess_cfg(clip), tag_cfg)
+        open_clip.set_model_preprocess_cfg(clip, preprocess)
     clip = clip.to(device=device, dtype=dtype).eval()
     clip.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model)
@@ -122,7 +133,11 @@ def load_open_clip(
 
 
 def resolve_checkpoint(
-    model: str, pretrained: str, *, cache_dir: str | os.PathLike[str] | None = None
+    model: str,
+    pretrained: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool | None = None,
 ) -> Path | None:
     """The checkpoint file that ``pretrained`` names for ``model`` (``None`` for random weights)."""
     if pretrained == RANDOM:
@@ -142,11 +157,11 @@ def resolve_checkpoint(
     if not tag_cfg:
         known = open_clip.list_pretrained_tags_by_model(model)
         raise ConfigError(
-            f"clip.pretrained {pretrained!r} is not a pretrained tag of {model!r} (known tags: "
+            f"clip.checkpoint {pretrained!r} is not a pretrained tag of {model!r} (known tags: "
             f"{', '.join(known) if known else 'none'}), nor an existing checkpoint file or folder; "
-            "use 'random' for random weights"
+            "use clip.weights = 'random' for random weights"
         )
-    return _checkpoint_for_tag(model, pretrained, tag_cfg, cache_dir)
+    return _checkpoint_for_tag(model, pretrained, tag_cfg, cache_dir, local_files_only)
 
 
 def load_checkpoint_into(clip: nn.Module, checkpoint: str | os.PathLike[str], *, model: str = "") -> None:
@@ -235,17 +250,22 @@ def _checkpoint_in_dir(folder: Path) -> Path:
         )
     raise WeightsUnavailableError(
         f"{folder}: several candidate checkpoints ({', '.join(p.name for p in candidates)}); "
-        "point clip.pretrained at the file to use"
+        "point clip.checkpoint at the file to use"
     )
 
 
 def _checkpoint_for_tag(
-    model: str, tag: str, tag_cfg: dict[str, Any], cache_dir: str | os.PathLike[str] | None
+    model: str,
+    tag: str,
+    tag_cfg: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool | None,
 ) -> Path:
     tried: list[str] = []
+    offline = _hub_offline() if local_files_only is None else local_files_only
     hub = tag_cfg.get("hf_hub", "")
     if hub:
-        found = _from_hf_hub(hub, cache_dir, tried)
+        found = _from_hf_hub(hub, cache_dir, tried, offline=offline)
         if found is not None:
             return found
     url = tag_cfg.get("url", "")
@@ -255,10 +275,9 @@ def _checkpoint_for_tag(
             return found
     if not tried:
         tried.append("no download source is known for this tag")
-    offline = _hub_offline()
     raise WeightsUnavailableError(
         f"CLIP weights for {model} / {tag} are not available"
-        f"{' (offline: HF_HUB_OFFLINE is set)' if offline else ''}; tried: {'; '.join(tried)}; "
+        f"{' (offline: no download attempted)' if offline else ''}; tried: {'; '.join(tried)}; "
         f"{_HOW_TO_PROVIDE}"
     )
 
@@ -272,7 +291,9 @@ def _hub_offline() -> bool:
         return False
 
 
-def _from_hf_hub(hub: str, cache_dir: str | os.PathLike[str] | None, tried: list[str]) -> Path | None:
+def _from_hf_hub(
+    hub: str, cache_dir: str | os.PathLike[str] | None, tried: list[str], *, offline: bool
+) -> Path | None:
     try:
         from huggingface_hub import constants, hf_hub_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
@@ -294,7 +315,7 @@ def _from_hf_hub(hub: str, cache_dir: str | os.PathLike[str] | None, tried: list
             )
         except Exception:
             tried.append(f"hf://{repo_id}/{name} (not in the cache {where})")
-    if _hub_offline():
+    if offline:
         return None
     # huggingface_hub retries for about a minute when the host cannot be resolved; ask once, quickly
     if not _reachable(constants.ENDPOINT):

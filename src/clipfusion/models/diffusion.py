@@ -30,11 +30,13 @@ from typing import Any
 
 import torch
 
+from clipfusion.config import DEFAULT_DIFFUSION_MODEL as DEFAULT_MODEL
+from clipfusion.config import DIFFUSION_ARCHITECTURES, MapDiffConfig
 from clipfusion.errors import ConfigError, WeightsUnavailableError
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
-ARCHITECTURES = ("sd2-inpainting", "tiny")
+#: where each architecture's JSON configs ship, under ``clipfusion/models/configs``
 _CONFIG_DIRS = {"sd2-inpainting": "sd2-inpainting", "tiny": "sd-tiny"}
+assert set(_CONFIG_DIRS) == set(DIFFUSION_ARCHITECTURES)
 
 # The files of a diffusers-format SD-2 inpainting directory that the branch reads. Listing them (rather than
 # fetching the whole repository) avoids the multi-gigabyte .ckpt and fp16 variants the hub repository holds.
@@ -104,7 +106,8 @@ def shipped_config_dir(architecture: str) -> Path:
     """Directory of the JSON configs of ``architecture`` (diffusers layout: ``unet/config.json`` ...)."""
     if architecture not in _CONFIG_DIRS:
         raise ConfigError(
-            f"unknown diffusion architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown diffusion architecture {architecture!r}; choose one of "
+            + ", ".join(DIFFUSION_ARCHITECTURES)
         )
     return Path(str(resources.files("clipfusion") / "models" / "configs" / _CONFIG_DIRS[architecture]))
 
@@ -272,9 +275,10 @@ def _missing_files(directory: Path) -> list[str]:
 
 def _how_to_provide(model: str) -> str:
     return (
-        f"to use {model} offline, run `clipfusion weights fetch --to DIR` on a connected machine and pass "
-        "`--weights DIR` (or CLIPFUSION_WEIGHTS=DIR), or set diffusion.model to any diffusers-format folder "
-        "of the model; the `tiny` and `random-full` presets need no weights"
+        f"to use {model} offline, run `clipfusion weights fetch --to DIR` on a connected machine and use "
+        "that folder (Python: weights_dir=DIR; command line: --weights-dir DIR or CLIPFUSION_WEIGHTS=DIR), "
+        "or set diffusion.model to any diffusers-format folder of the model; the `tiny` and `random-full` "
+        "presets need no weights"
     )
 
 
@@ -368,11 +372,6 @@ def load_sd2_inpainting(
         raise WeightsUnavailableError(
             f"diffusion weights in {directory} cannot be loaded: {type(exc).__name__}: {exc}"
         ) from exc
-    if unet.config.in_channels != 9:
-        raise WeightsUnavailableError(
-            f"{directory}: the UNet has {unet.config.in_channels} input channels; MapDiff needs an "
-            "inpainting UNet (9: noisy latents, mask, masked-image latents)"
-        )
     components = SD2Components(vae, unet, text_encoder, tokenizer, scheduler, source=str(directory))
     return _place(components, torch.device(device), dtype)
 
@@ -408,7 +407,7 @@ def save_components(components: SD2Components, directory: str | Path) -> Path:
 
 
 def load_diffusion_components(
-    config: Any,
+    config: MapDiffConfig,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -418,6 +417,7 @@ def load_diffusion_components(
     """The components a :class:`~clipfusion.config.MapDiffConfig` names (pretrained or random), placed."""
     from clipfusion.runtime import resolve_device, resolve_dtype
 
+    config = config.placed()  # a branch section alone: the package's default placement where unset
     dev = resolve_device(config.device if device is None else device)
     dt = resolve_dtype(config.dtype if dtype is None else dtype, dev)
     if config.weights == "random":

@@ -6,8 +6,10 @@ Layout of a weights folder (made by ``clipfusion weights fetch --to DIR`` on a c
     DIR/open_clip/<arch>/<tag>/       the OpenCLIP checkpoint (safetensors) and its open_clip_config.json
     DIR/sd2-inpainting/               the diffusers-format SD-2-inpainting components (no safety checker)
 
-With ``--weights DIR`` or ``CLIPFUSION_WEIGHTS=DIR``, :func:`apply_weights_dir` points the configuration at
-these local paths and the hub is switched off, so nothing is looked up on the network.
+Given such a folder (``weights_dir=DIR`` in Python; ``--weights-dir DIR`` or ``CLIPFUSION_WEIGHTS=DIR`` on the
+command line), :func:`apply_weights_dir` points the configuration at these local paths, so the loaders read
+files and never look anything up on the network. Nothing here reads or writes environment variables: a
+program that imports clipfusion keeps its own hub settings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -24,9 +25,8 @@ from typing import Any, Protocol
 
 from clipfusion.config import CLIPFusionConfig
 from clipfusion.errors import ClipfusionError, InputError, WeightsUnavailableError
-from clipfusion.io_utils import atomic_write_text
+from clipfusion.outputs.files import atomic_write_text
 
-WEIGHTS_ENV = "CLIPFUSION_WEIGHTS"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 SD_SUBDIR = "sd2-inpainting"
@@ -115,10 +115,10 @@ def sources_for(
     return [
         Source(
             "clip",
-            clip_repo or clip_hub_repo(clip.model, clip.pretrained),
+            clip_repo or clip_hub_repo(clip.model, clip.checkpoint),
             clip_revision,
             CLIP_PATTERNS,
-            clip_subdir(clip.model, clip.pretrained),
+            clip_subdir(clip.model, clip.checkpoint),
         ),
         Source(
             "diffusion",
@@ -251,30 +251,23 @@ def verify(folder: str | Path) -> list[str]:
     return problems
 
 
-def weights_dir_from_env() -> Path | None:
-    value = os.environ.get(WEIGHTS_ENV, "").strip()
-    return Path(value).expanduser() if value else None
-
-
-def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None = None) -> CLIPFusionConfig:
-    """Point the pretrained parts of ``config`` at a weights folder (``folder`` or ``$CLIPFUSION_WEIGHTS``)
-    and switch the hub off. Random-weight branches are left as they are."""
-    folder = Path(folder) if folder is not None else weights_dir_from_env()
+def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None) -> CLIPFusionConfig:
+    """Point the pretrained parts of ``config`` at a weights folder's local copies (``folder`` None: the
+    configuration as it is). Random-weight branches, and checkpoints already given as local paths, are left
+    as they are."""
     if folder is None:
         return config
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise WeightsUnavailableError(
-            f"{folder}: weights folder does not exist (from --weights or {WEIGHTS_ENV})"
-        )
-    os.environ["HF_HUB_OFFLINE"] = "1"
+        raise WeightsUnavailableError(f"{folder}: the weights folder does not exist")
     clip, diffusion = config.clip, config.diffusion
-    if clip.pretrained != "random" and not Path(clip.pretrained).exists():
-        local = folder / clip_subdir(clip.model, clip.pretrained)
+    if clip.weights != "random" and not Path(clip.checkpoint).exists():
+        local = folder / clip_subdir(clip.model, clip.checkpoint)
         if not local.is_dir():
             raise WeightsUnavailableError(
-                f"{folder}: has no OpenCLIP weights for {clip.model}/{clip.pretrained} (expected {local})"
+                f"{folder}: has no OpenCLIP weights for {clip.model}/{clip.checkpoint} (expected {local})"
             )
-        clip = replace(clip, pretrained=str(local))
+        clip = replace(clip, checkpoint=str(local))
     if diffusion.weights != "random" and not Path(diffusion.model).exists():
         local = folder / SD_SUBDIR
         if not (local / "model_index.json").exists() and not (local / "unet").is_dir():
@@ -285,12 +278,14 @@ def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None = None
     return replace(config, clip=clip, diffusion=diffusion)
 
 
-def describe(config: CLIPFusionConfig, folder: str | Path | None = None) -> list[str]:
-    """What would be used, and from where: for ``clipfusion weights where``."""
+def describe(
+    config: CLIPFusionConfig, folder: str | Path | None = None, origin: str = "weights_dir"
+) -> list[str]:
+    """What would be used, and from where: for ``clipfusion weights where`` (``origin`` says where the folder
+    came from, e.g. ``--weights-dir``)."""
     lines = []
-    origin = "--weights" if folder is not None else WEIGHTS_ENV
-    folder = Path(folder) if folder is not None else weights_dir_from_env()
     if folder is not None:
+        folder = Path(folder)
         lines.append(f"weights folder: {folder} (from {origin})")
         problems = verify(folder)
         lines += [f"  problem: {p}" for p in problems] or ["  verified: every file matches the manifest"]
@@ -299,12 +294,12 @@ def describe(config: CLIPFusionConfig, folder: str | Path | None = None) -> list
         except ClipfusionError as exc:
             lines.append(f"  problem: {exc}")
     clip, diffusion = config.clip, config.diffusion
-    if clip.pretrained == "random":
+    if clip.weights == "random":
         lines.append(f"clip: {clip.model} with random weights (seed {clip.init_seed})")
-    elif Path(clip.pretrained).exists():
-        lines.append(f"clip: {clip.model} from {clip.pretrained}")
+    elif Path(clip.checkpoint).exists():
+        lines.append(f"clip: {clip.model} from {clip.checkpoint}")
     else:
-        lines.append(f"clip: {clip.model}/{clip.pretrained} from the hub cache or hub ({_hf_cache()})")
+        lines.append(f"clip: {clip.model}/{clip.checkpoint} from the hub cache or hub ({_hf_cache()})")
     if diffusion.weights == "random":
         lines.append(f"diffusion: {diffusion.architecture} with random weights (seed {diffusion.init_seed})")
     elif Path(diffusion.model).exists():
@@ -313,10 +308,10 @@ def describe(config: CLIPFusionConfig, folder: str | Path | None = None) -> list
         lines.append(
             f"diffusion: {diffusion.model}@{diffusion.revision} from the hub cache or hub ({_hf_cache()})"
         )
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    lines.append(
-        f"hub: {'offline (HF_HUB_OFFLINE)' if offline else os.environ.get('HF_ENDPOINT', 'huggingface.co')}"
-    )
+    from huggingface_hub import constants
+
+    hub = "offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
+    lines.append(f"hub: {hub}")
     return lines
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipfusion.io_utils import atomic_write_bytes, atomic_write_text
+from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
 
 NORMALISATIONS = ("set", "image")
 

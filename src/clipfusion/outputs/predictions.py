@@ -12,12 +12,16 @@ import csv
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipfusion import report
-from clipfusion.io_utils import atomic_write_text
+from clipfusion.outputs import report
+from clipfusion.outputs.files import atomic_write_text
+from clipfusion.progress import progress_bar
+
+if TYPE_CHECKING:
+    from clipfusion.detector import CLIPFusion
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -33,7 +37,7 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def write_predictions(
-    detector: Any,
+    detector: CLIPFusion,
     files: Sequence[Path],
     out: Path,
     *,
@@ -48,8 +52,6 @@ def write_predictions(
     labels: Sequence[str] | None = None,
 ) -> list[tuple[str, float, str]]:
     """Predict ``files`` with a fitted detector and write the outputs; returns (path, score, decision)."""
-    from tqdm.auto import tqdm
-
     from clipfusion.data import load_image
 
     if normalize not in report.NORMALISATIONS:
@@ -59,8 +61,8 @@ def write_predictions(
     maps_dir, overlay_dir, mask_dir = out / "maps", out / "overlays", out / "masks"
     rows: list[tuple[str, float, str]] = []
     vmin, vmax = float("inf"), float("-inf")
-    batch = batch_size or 8
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, leave=False)
+    batch = batch_size or detector.default_batch_size
+    bar = progress_bar(len(files), "predict", enabled=progress)
     for start in range(0, len(files), batch):
         chunk = list(files[start : start + batch])
         results = detector.predict(chunk, batch_size=batch)

@@ -1,19 +1,20 @@
 """``clipfusion demo``: a synthetic data set, zero- and few-shot detection, a summary table and an HTML
 report, in a couple of minutes on two CPU cores and with no network.
 
-With the pretrained weights available locally (hub cache, or ``--weights DIR``) it runs the ``paper``
-preset. Without them it says so loudly and runs the ``tiny`` random-weight preset, and every output is
-labelled as a pipeline demonstration whose scores do not reflect detection quality.
+With the pretrained weights available locally (hub cache, or ``--weights-dir DIR``) it runs the ``paper``
+preset; it never downloads anything. Without them it says so loudly and runs the ``tiny`` random-weight
+preset, and every output is labelled as a pipeline demonstration whose scores do not reflect detection
+quality.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from clipfusion.cli.options import add_weights_option, weights_dir
 from clipfusion.config import load_preset
 from clipfusion.errors import WeightsUnavailableError
 
@@ -32,16 +33,21 @@ def _loud(text: str) -> None:
     _say(bar)
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="synthetic data, zero- and few-shot, HTML report — in minutes")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
+    add_weights_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
 def load_detector(weights: Path | None):
     """The paper detector when its weights are on this machine, else the tiny random one (and why)."""
     from clipfusion.detector import CLIPFusion
 
     # the demo never downloads: a demo that pulls gigabytes on first run is not a demo
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if weights is not None:
-        os.environ["CLIPFUSION_WEIGHTS"] = str(weights)
     try:
-        return CLIPFusion(load_preset("paper")), None
+        return CLIPFusion(load_preset("paper"), weights_dir=weights, local_files_only=True), None
     except WeightsUnavailableError as exc:
         return CLIPFusion(load_preset("tiny")), str(exc)
 
@@ -49,7 +55,7 @@ def load_detector(weights: Path | None):
 def run(args: argparse.Namespace) -> int:
     from clipfusion.data import SYNTHETIC_CATEGORIES, FolderDataset, make_synthetic_dataset, sample_references
     from clipfusion.evaluation import evaluate
-    from clipfusion.inference import write_predictions
+    from clipfusion.outputs.predictions import write_predictions
 
     out: Path = args.out
     progress = not args.no_progress
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     make_synthetic_dataset(data, categories=categories, n_train=4, n_test=10, image_size=128, seed=0)
 
     _say("2/4 loading models")
-    detector, why = load_detector(getattr(args, "weights", None))
+    detector, why = load_detector(weights_dir(args))
     banner = ""
     if why is not None:
         banner = (
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         _loud(
             f"{banner}\nWhy: {why}\n"
             "To use the real models: `clipfusion weights fetch --to DIR` on a connected machine,\n"
-            "then `clipfusion demo --weights DIR` (or set CLIPFUSION_WEIGHTS=DIR)."
+            "then `clipfusion demo --weights-dir DIR` (or set CLIPFUSION_WEIGHTS=DIR)."
         )
     config = detector.config
 

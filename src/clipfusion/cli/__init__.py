@@ -1,0 +1,68 @@
+"""The ``clipfusion`` command: one module per subcommand (``predict.py``, ``evaluate.py``, ``demo.py``,
+``weights.py``, ``config.py``), options they share in ``options.py``.
+
+Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
+status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
+complete output files behind (every file is written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from clipfusion import __version__
+from clipfusion.cli import config, demo, evaluate, predict, weights
+from clipfusion.cli.options import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
+from clipfusion.errors import ClipfusionError
+
+#: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
+COMMANDS = (evaluate, predict, demo, weights, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipfusion",
+        description="Training-free zero-/few-shot anomaly detection (CLIPFusion: CLIP meets diffusion).",
+    )
+    parser.add_argument("--version", action="version", version=f"clipfusion {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    # `clipfusion bench ARGS` is handed whole to the benchmark's own parser (see main)
+    sub.add_parser(
+        "bench", help="speed and memory benchmark against anomalib WinCLIP (benchmarks/RESULTS.md)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from clipfusion import bench
+
+        return bench.main(argv[1:], prog="clipfusion bench")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except ClipfusionError as exc:
+        if args.debug:
+            traceback.print_exc()
+        err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err("interrupted; files written so far are complete (use --resume to continue an evaluation)")
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        err("out of memory; try a smaller --batch-size or --dtype bfloat16")
+        return EXIT_ERROR
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,115 @@
+"""``clipfusion predict``: score a folder of photos; write scores, heat maps, masks and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipfusion.cli.options import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_options,
+    build_config,
+    err,
+    random_weights_banner,
+    say,
+    weights_dir,
+)
+from clipfusion.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
+    p.add_argument("--out", type=Path, default=Path("clipfusion-out"), help="output folder")
+    p.add_argument("--threshold", type=float, help="image score above which an image is anomalous")
+    p.add_argument("--pixel-threshold", type=float, help="map value above which a pixel is anomalous (masks)")
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        help="folder of held-out NORMAL images: sets the thresholds to the --quantile of their scores",
+    )
+    p.add_argument("--quantile", type=float, help="calibration quantile (default 0.99)")
+    p.add_argument("--normalize", default="set", help="heat-map scale: 'set' (shared) or 'image'")
+    p.add_argument("--skip-bad", action="store_true", help="continue past unreadable images, listing them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipfusion.calibration import DEFAULT_QUANTILE, calibrate
+    from clipfusion.data.checks import check_images, collect_images
+    from clipfusion.detector import CLIPFusion
+    from clipfusion.outputs import report
+    from clipfusion.outputs.predictions import write_predictions
+
+    if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
+        raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
+    if args.normalize not in report.NORMALISATIONS:
+        raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
+    config = build_config(args)
+    progress = not args.no_progress
+    files, problems = collect_images(args.images)
+    refs, ref_problems = collect_images(args.refs) if args.refs else ([], [])
+    calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
+    problems += ref_problems + calib_problems
+    files, bad = check_images(files, progress, desc="checking images")
+    refs, bad_refs = check_images(refs, progress, desc="checking references")
+    calib, bad_calib = check_images(calib, progress, desc="checking calibration images")
+    skipped = bad + bad_refs + bad_calib
+    if problems or (skipped and not args.skip_bad):
+        for line in problems + skipped:
+            err(line)
+        if skipped and not problems:
+            say("clipfusion: use --skip-bad to continue without the unreadable images")
+        return EXIT_USAGE
+    if not files:
+        err("no readable input image")
+        return EXIT_USAGE
+    for line in skipped:
+        say(f"clipfusion: skipped: {line}")
+
+    banner = random_weights_banner(config)
+    if banner:
+        say(banner)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    detector = CLIPFusion(config, weights_dir=weights_dir(args))
+    detector.fit(args.object, refs).release_text_encoders()
+
+    threshold, pixel_threshold = args.threshold, args.pixel_threshold
+    if calib:
+        q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE
+        thresholds = calibrate(detector, calib, q, batch_size=args.batch_size, progress=progress)
+        threshold = thresholds.image if threshold is None else threshold
+        pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
+        say(
+            f"calibrated on {len(calib)} normal images (quantile {q}): threshold {threshold:.6f}, "
+            f"pixel threshold {pixel_threshold:.6f}"
+        )
+
+    details = {
+        "object": args.object,
+        "references": f"{len(refs)} ({'zero-shot' if not refs else 'few-shot'})",
+        "preset": config.preset,
+    }
+    if skipped:
+        details["skipped (unreadable)"] = "; ".join(skipped)
+    write_predictions(
+        detector,
+        files,
+        out,
+        threshold=threshold,
+        pixel_threshold=pixel_threshold,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        progress=progress,
+        title=f"clipfusion: {args.object}",
+        banner=banner,
+        details=details,
+    )
+    say(f"wrote {out / 'scores.csv'}, {out / 'report.html'}, overlays and maps for {len(files)} images")
+    return EXIT_OK

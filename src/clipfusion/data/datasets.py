@@ -1,0 +1,60 @@
+"""The data set kinds the benchmark protocol reads, by name: ``mvtec``, ``visa`` and ``folder``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from clipfusion.data._common import SampleList
+from clipfusion.errors import ConfigError, InputError
+
+DATASET_KINDS = ("mvtec", "visa", "folder")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"unknown dataset {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
+    return kind
+
+
+def dataset_categories(kind: str, root: str | Path, categories: Sequence[str] | None = None) -> list[str]:
+    """The categories to evaluate: those asked for, else every category of the data set found under root.
+
+    For ``folder``, ``root`` is either one product folder (``train/good`` directly under it) or a folder of
+    product folders; the category of a single product is the folder's name.
+    """
+    from clipfusion.data.mvtec import MVTEC_CATEGORIES
+    from clipfusion.data.visa import VISA_CATEGORIES
+
+    check_kind(kind)
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: data set root does not exist or is not a folder")
+    if categories:
+        return list(categories)
+    if kind == "mvtec":
+        return [c for c in MVTEC_CATEGORIES if (root / c).is_dir()] or list(MVTEC_CATEGORIES)
+    if kind == "visa":
+        return list(VISA_CATEGORIES)
+    if (root / "train" / "good").is_dir():
+        return [root.name]
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not found:
+        raise InputError(f"{root}: no product folder with train/good found (expected the MVTec layout)")
+    return found
+
+
+def open_split(kind: str, root: str | Path, category: str, split: str) -> SampleList:
+    """One split (``train`` or ``test``) of one category of a data set of the given kind."""
+    from clipfusion.data.folder import FolderDataset
+    from clipfusion.data.mvtec import MVTecAD
+    from clipfusion.data.visa import VisA
+
+    check_kind(kind)
+    root = Path(root)
+    if kind == "mvtec":
+        return MVTecAD(root, category, split)
+    if kind == "visa":
+        return VisA(root, category, split)
+    product = root if root.name == category and (root / "train").is_dir() else root / category
+    return FolderDataset(product, split)
