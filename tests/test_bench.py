@@ -90,6 +90,7 @@ def test_pearson_edge_cases():
     assert bench.pearson(np.zeros(5), x[:5]) is None
 
 
+@pytest.mark.slow
 def test_speed_section_in_a_reduced_dtype_compares_with_the_float32_reference(tmp_path):
     """The path a GPU run takes for each dtype (dtype override, in-process float32 reference), on the CPU."""
     settings = bench.Settings(
@@ -121,6 +122,7 @@ def test_speed_section_in_a_reduced_dtype_compares_with_the_float32_reference(tm
     assert "ratio" not in out["latency"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("anomalib") is None, reason="anomalib (the `test` extra) is needed for WinCLIP"
 )

@@ -5,7 +5,7 @@ from PIL import Image
 
 from clipfusion.config import load_preset
 from clipfusion.detector import AnomalyResult, CLIPFusion
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ClipfusionError, ConfigError
 from clipfusion.fusion import fuse
 from fakes import FakeBranch, fake_detector
 
@@ -170,3 +170,19 @@ def test_the_detector_batch_size_caps_the_branch_batches_for_the_call():
     det.clip.features = lambda imgs: seen.append(len(imgs)) or original(imgs)
     det.fit("bottle").predict(_images(3), batch_size=2)
     assert seen == [2, 1] and det.clip.config.batch_size == 8
+
+
+def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
+    det = CLIPFusion.from_preset("tiny")
+    refs, queries = _images(1, 1), _images(2, 2)
+    before = det.fit("bottle", refs).predict(queries)
+    n_params = sum(p.numel() for p in det.clip.model.parameters())
+    det.prepare(["metal_nut"]).release_text_encoders()
+    assert sum(p.numel() for p in det.clip.model.parameters()) < n_params
+    assert det.diffusion.text_encoder is None
+    after = det.fit("bottle", refs).predict(queries)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    det.fit("metal nut", refs)  # prepared before the release
+    with pytest.raises(ClipfusionError, match="released"):
+        det.fit("screw", refs)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from clipfusion.cli import main
 from clipfusion.config import load_preset
 from clipfusion.errors import WeightsUnavailableError
 from clipfusion.models import weights
@@ -152,16 +151,3 @@ def test_weights_dir_points_the_config_at_local_paths(tmp_path, hub, monkeypatch
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsUnavailableError, match="has no OpenCLIP weights"):
         weights.apply_weights_dir(load_preset("paper"), tmp_path / "empty")
-
-
-def test_cli_verify_and_where(tmp_path, hub, capsys):
-    dest = tmp_path / "w"
-    weights.fetch(dest, _sources(), hub=DirectoryHub(hub), log=lambda _m: None)
-    assert main(["weights", "verify", str(dest)]) == 0
-    assert "all intact" in capsys.readouterr().out
-    (dest / "sd2-inpainting/unet/config.json").write_text("changed!")
-    assert main(["weights", "verify", str(dest)]) == 2
-    assert "unet/config.json" in capsys.readouterr().err
-    assert main(["weights", "where", "--preset", "tiny"]) == 0
-    out = capsys.readouterr().out
-    assert "clip: clipfusion-tiny with random weights" in out

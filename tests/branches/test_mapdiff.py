@@ -7,11 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfusion.branches.attention import (
-    AttentionProbabilityProcessor,
-    capture_cross_attention,
-    cross_attention_layers,
-)
 from clipfusion.branches.mapdiff import MapDiff, stop_block
 from clipfusion.config import load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
@@ -48,87 +43,6 @@ def batch(tiny: MapDiff) -> dict[str, torch.Tensor]:
     return {"sample": tiny.unet_input(z0), "states": tiny.prompt_embeddings("metal nut", "damage")}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# capture
-
-
-def test_capture_leaves_unet_output_unchanged(tiny: MapDiff, batch) -> None:
-    sample, states = batch["sample"], batch["states"].expand(2, -1, -1)
-    t = torch.full((2,), tiny.config.timestep)
-    with torch.inference_mode():
-        plain = tiny.unet(sample, t, encoder_hidden_states=states).sample
-        with capture_cross_attention(tiny.unet, tiny.attention_layers) as store:
-            captured = tiny.unet(sample, t, encoder_hidden_states=states).sample
-    assert set(store) == set(tiny.attention_layers)
-    assert plain.abs().max() > 0
-    torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)
-
-
-def test_stored_attention_equals_recomputation_from_q_and_k(tiny: MapDiff, batch) -> None:
-    modules = dict(tiny.unet.named_modules())
-    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def keep(name):
-        def hook(module, args, kwargs):
-            inputs[name] = (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
-
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(keep(n), with_kwargs=True) for n in tiny.attention_layers]
-    try:
-        capture = tiny.run_unet(batch["sample"], batch["states"], early_exit=False)
-    finally:
-        for h in handles:
-            h.remove()
-    assert set(capture.attention) == set(tiny.attention_layers) == set(inputs)
-    for name in tiny.attention_layers:
-        attn = modules[name]
-        hidden, context = inputs[name]
-        q = attn.to_q(hidden)
-        k = attn.to_k(context)
-        b, n, width = q.shape
-        d = width // attn.heads
-        q = q.reshape(b, n, attn.heads, d).permute(0, 2, 1, 3)
-        k = k.reshape(b, k.shape[1], attn.heads, d).permute(0, 2, 1, 3)
-        expected = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / d**0.5, dim=-1)
-        stored = capture.attention[name]
-        assert stored.dtype == torch.float32
-        assert stored.shape == (b, attn.heads, n, 77)
-        torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-6)
-
-
-def test_processors_installed_only_on_chosen_layers_and_restored(tiny: MapDiff) -> None:
-    before = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
-    chosen = set(tiny.attention_layers)
-    with capture_cross_attention(tiny.unet, tiny.attention_layers):
-        during = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
-        for name, processor in during.items():
-            if name in chosen:
-                assert isinstance(processor, AttentionProbabilityProcessor)
-            else:
-                assert processor is before[name]  # every other layer keeps its fast kernel
-    after = {n: m.processor for n, m in tiny.unet.named_modules() if hasattr(m, "set_processor")}
-    assert all(after[n] is before[n] for n in before)
-    with pytest.raises(RuntimeError), capture_cross_attention(tiny.unet, tiny.attention_layers):
-        raise RuntimeError("interrupted")
-    assert all(m.processor is before[n] for n, m in tiny.unet.named_modules() if n in before)
-
-
-def test_cross_attention_layers_by_prefix(tiny: MapDiff) -> None:
-    layers = cross_attention_layers(tiny.unet, ["up_blocks.2", "up_blocks.1"])
-    assert layers == tiny.attention_layers  # execution order, whatever the order asked
-    assert all(name.endswith(".attn2") for name in layers)
-    assert {name.split(".attentions")[0] for name in layers} == {"up_blocks.1", "up_blocks.2"}
-    one = cross_attention_layers(tiny.unet, ["up_blocks.1.attentions.0"])
-    assert one == ["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]
-    with pytest.raises(ConfigError, match="up_blocks.0"):
-        cross_attention_layers(tiny.unet, ["up_blocks.0"])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# early exit
-
-
 def test_stop_block_follows_the_unet_execution_order() -> None:
     layer = "up_blocks.2.attentions.1.transformer_blocks.0.attn2"
     assert stop_block(["up_blocks.1", layer]) == "up_blocks.2"
@@ -156,10 +70,6 @@ def test_early_exit_gives_the_maps_of_a_full_pass(tiny: MapDiff, batch) -> None:
     maps = [variant(tiny, early_exit=e).fit("screw", refs).predict(queries) for e in (True, False)]
     for key in ("diff_L", "diff_V"):
         assert torch.equal(maps[0][key], maps[1][key])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# prompts and tokens
 
 
 def test_state_word_positions_single_token(tiny: MapDiff) -> None:
@@ -208,10 +118,6 @@ def test_prompt_embeddings_are_cached_and_text_encoder_can_be_released(tiny: Map
     assert "diff_L" in out
     with pytest.raises(ClipfusionError, match="released"):
         branch.fit("carpet", [])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# maps
 
 
 def test_zero_shot_and_few_shot_outputs(tiny: MapDiff) -> None:
@@ -344,10 +250,6 @@ def test_bfloat16_maps_follow_float32(tiny: MapDiff) -> None:
         assert corr >= 0.99, (key, corr)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# plumbing: random features localise obvious synthetic defects
-
-
 def test_few_shot_random_features_localise_synthetic_defects(tiny: MapDiff, synthetic_root) -> None:
     """k = 4 references from train, the whole test split; pixel AUROC of diff_V per category.
 
@@ -376,3 +278,29 @@ def test_few_shot_random_features_localise_synthetic_defects(tiny: MapDiff, synt
         assert masks.any() and not masks.all()
         scores[category] = pixel_metrics(masks, maps["diff_V"].numpy())["auroc"]
     assert min(scores.values()) >= 0.9, scores
+
+
+def test_mapdiff_drops_the_unused_vae_decoder(tiny: MapDiff) -> None:
+    assert tiny.vae.decoder is None
+    assert tiny.vae.encoder is not None
+
+
+def test_channels_last_vae_gives_the_same_maps(tiny: MapDiff) -> None:
+    queries, refs = images(2, 3), images(1, 4)
+    assert tiny.config.channels_last  # the preset's default
+    fast = tiny.fit("bottle", refs).predict(queries)
+    plain = (
+        MapDiff.from_preset("tiny", device="cpu", channels_last=False).fit("bottle", refs).predict(queries)
+    )
+    assert fast.keys() == plain.keys()
+    for key in fast:
+        torch.testing.assert_close(fast[key], plain[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_vae_encoder_gives_the_same_latents(tiny: MapDiff) -> None:
+    md = variant(tiny, compile=True)  # the same modules, the encoder compiled on first use
+    pixels = md.preprocess(images(1, 5))
+    compiled = md.encode_latents(pixels)
+    plain = tiny.encode_latents(pixels)
+    torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=1e-4)

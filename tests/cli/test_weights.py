@@ -1,0 +1,82 @@
+"""`clipfusion weights verify|where` against a weights folder fetched from a local stand-in for the hub."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clipfusion.cli import main
+from clipfusion.config import load_preset
+from clipfusion.models import weights
+
+
+class DirectoryHub:
+    """Repositories as folders: ``root/<repo_id>/<files>``; can be told to break after n downloads."""
+
+    def __init__(self, root: Path, fail_after: int | None = None) -> None:
+        self.root = root
+        self.fail_after = fail_after
+        self.downloads: list[str] = []
+
+    def resolve(self, repo_id, revision):
+        if not (self.root / repo_id).is_dir():
+            raise FileNotFoundError(f"404 {repo_id}")
+        return "0123abcd" if revision == "main" else revision
+
+    def list_files(self, repo_id, revision):
+        base = self.root / repo_id
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+    def download(self, repo_id, filename, revision, local_dir):
+        if self.fail_after is not None and len(self.downloads) >= self.fail_after:
+            raise ConnectionError("connection reset")
+        self.downloads.append(filename)
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / repo_id / filename, target)
+        return target
+
+
+@pytest.fixture()
+def hub(tmp_path):
+    root = tmp_path / "hub"
+    files = {
+        "org/clip-repo/open_clip_config.json": "{}",
+        "org/clip-repo/open_clip_model.safetensors": "clip-weights" * 100,
+        "org/clip-repo/open_clip_pytorch_model.bin": "not wanted",
+        "org/sd/model_index.json": "{}",
+        "org/sd/scheduler/scheduler_config.json": "{}",
+        "org/sd/tokenizer/vocab.json": "{}",
+        "org/sd/tokenizer/merges.txt": "#",
+        "org/sd/text_encoder/config.json": "{}",
+        "org/sd/text_encoder/model.safetensors": "te" * 50,
+        "org/sd/unet/config.json": "{}",
+        "org/sd/unet/diffusion_pytorch_model.safetensors": "unet" * 300,
+        "org/sd/unet/diffusion_pytorch_model.fp16.safetensors": "half",
+        "org/sd/vae/config.json": "{}",
+        "org/sd/vae/diffusion_pytorch_model.safetensors": "vae" * 80,
+        "org/sd/safety_checker/model.safetensors": "not wanted",
+    }
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def _sources():
+    config = load_preset("paper").replace(**{"diffusion.model": "org/sd"})
+    return weights.sources_for(config, clip_repo="org/clip-repo")
+
+
+def test_cli_verify_and_where(tmp_path, hub, capsys):
+    dest = tmp_path / "w"
+    weights.fetch(dest, _sources(), hub=DirectoryHub(hub), log=lambda _m: None)
+    assert main(["weights", "verify", str(dest)]) == 0
+    assert "all intact" in capsys.readouterr().out
+    (dest / "sd2-inpainting/unet/config.json").write_text("changed!")
+    assert main(["weights", "verify", str(dest)]) == 2
+    assert "unet/config.json" in capsys.readouterr().err
+    assert main(["weights", "where", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "clip: clipfusion-tiny with random weights" in out
