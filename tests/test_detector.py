@@ -186,3 +186,31 @@ def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
     det.fit("metal nut", refs)  # prepared before the release
     with pytest.raises(ClipfusionError, match="released"):
         det.fit("screw", refs)
+
+
+def test_branches_are_known_by_the_protocol_alone():
+    from clipfusion.branches import Branch
+
+    det = CLIPFusion.from_preset("tiny")
+    assert [b.name for b in det.branches] == ["clip", "diffusion"]
+    assert all(isinstance(b, Branch) for b in (*det.branches, FakeBranch("clip")))
+    with pytest.raises(ConfigError, match="does not implement clipfusion.branches.Branch"):
+        CLIPFusion(load_preset("tiny"), clip=object(), diffusion=FakeBranch("diffusion"))
+
+
+def test_building_and_running_a_detector_leaves_the_environment_alone(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
+    det = CLIPFusion.from_preset("tiny", weights_dir=tmp_path)
+    det.fit("bottle", _images(1)).predict(_images(1))
+    assert dict(os.environ) == before
+
+
+def test_a_branch_section_overrides_the_placement_it_inherits():
+    det = CLIPFusion.from_preset("tiny", **{"diffusion.dtype": "bfloat16"})
+    assert det.config.dtype == "float32"
+    assert det.clip.dtype == torch.float32 and det.diffusion.dtype == torch.bfloat16
+    [result] = det.fit("bottle").predict(_images(1))
+    assert result.anomaly_map.dtype == np.float32
