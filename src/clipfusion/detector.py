@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,7 @@ from clipfusion.progress import progress_bar
 from clipfusion.runtime import free_device_memory, return_freed_memory
 
 ImageLike = str | Path | Image.Image
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,11 +87,16 @@ class CLIPFusion:
             if clip is None and self.config.use_clip:
                 from clipfusion.branches.patchclip import PatchCLIP
 
+                start = time.perf_counter()
                 clip = PatchCLIP.from_config(clip_config, local_files_only=local_files_only)
+                log.debug("CLIP branch %s loaded in %.1f s", clip_config.model, time.perf_counter() - start)
             if diffusion is None and self.config.use_diffusion:
                 from clipfusion.branches.mapdiff import MapDiff
 
+                start = time.perf_counter()
                 diffusion = MapDiff.from_config(diffusion_config, local_files_only=local_files_only)
+                took = time.perf_counter() - start
+                log.debug("diffusion branch %s loaded in %.1f s", diffusion_config.architecture, took)
             # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
             return_freed_memory()
         self.clip: Branch | None = clip if self.config.use_clip else None
@@ -140,6 +147,7 @@ class CLIPFusion:
         for branch in self.branches:
             branch.fit(name, images)
         self.timings["fit"] = time.perf_counter() - start
+        log.debug("fitted to %r with %d references in %.1f s", name, len(images), self.timings["fit"])
         self.object_name = name
         self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
         return self

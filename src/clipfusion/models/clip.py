@@ -147,7 +147,7 @@ def resolve_checkpoint(
         return path
     if path.is_dir():
         return _checkpoint_in_dir(path)
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         raise WeightsUnavailableError(
             f"CLIP weights {pretrained!r}: no such file or folder; {_HOW_TO_PROVIDE}"
         )
@@ -223,7 +223,8 @@ def read_state_dict(checkpoint: str | os.PathLike[str]) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """Whether ``clip.checkpoint`` names a file or folder rather than an open_clip tag."""
     return (
         os.sep in value
         or "/" in value

@@ -248,7 +248,7 @@ def _offline_default() -> bool:
     )
 
 
-def _weights_variant(directory: Path) -> str | None:
+def weights_variant(directory: Path) -> str | None:
     """``None`` for the plain safetensors files, else the variant (``fp16``) every component has."""
     if all((directory / name).is_file() for name in WEIGHT_FILES):
         return None
@@ -261,16 +261,22 @@ def _weights_variant(directory: Path) -> str | None:
     return None
 
 
+def needed_files(variant: str | None = None, *, tokenizer_json: bool = False) -> tuple[str, ...]:
+    """The files of a diffusers-format folder the branch reads: the weights (of ``variant``, e.g. fp16),
+    the component configs, and the tokenizer (``tokenizer.json``, or the vocabulary and merges)."""
+    weights = tuple(
+        n.replace(".safetensors", f".{variant}.safetensors") if variant else n for n in WEIGHT_FILES
+    )
+    tokenizer = (
+        ("tokenizer/tokenizer.json",) if tokenizer_json else ("tokenizer/vocab.json", "tokenizer/merges.txt")
+    )
+    return (*weights, *CONFIG_FILES[1:], *tokenizer)
+
+
 def _missing_files(directory: Path) -> list[str]:
-    variant = _weights_variant(directory)
-    weights = [n.replace(".safetensors", f".{variant}.safetensors") if variant else n for n in WEIGHT_FILES]
-    missing = [name for name in (*weights, *CONFIG_FILES[1:]) if not (directory / name).is_file()]
-    tok = directory / "tokenizer"
-    if not (tok / "tokenizer.json").is_file() and not (
-        (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
-    ):
-        missing.append("tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)")
-    return missing
+    has_json = (directory / "tokenizer" / "tokenizer.json").is_file()
+    needed = needed_files(weights_variant(directory), tokenizer_json=has_json)
+    return [name for name in needed if not (directory / name).is_file()]
 
 
 def _how_to_provide(model: str) -> str:
@@ -357,7 +363,7 @@ def load_sd2_inpainting(
     directory = resolve_weights_dir(
         model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
     )
-    safe = {"use_safetensors": True, "local_files_only": True, "variant": _weights_variant(directory)}
+    safe = {"use_safetensors": True, "local_files_only": True, "variant": weights_variant(directory)}
     try:
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype, **safe)
         vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype, **safe)
