@@ -91,21 +91,29 @@ class _ConsoleFormatter(logging.Formatter):
         return message
 
 
+#: the handlers the last configure_logging call installed (and the next one replaces)
+_installed: list[logging.Handler] = []
+
+
+def _install(handler: logging.Handler) -> None:
+    _installed.append(handler)
+    log.addHandler(handler)
+
+
 def configure_logging(args: argparse.Namespace) -> None:
     """The console handler (level from ``-q`` / ``-v``) and the ``--log FILE`` handler (everything).
 
     Replaces what an earlier call installed, so that ``main()`` can run several times in one process.
     """
-    for handler in list(log.handlers):
-        if getattr(handler, "_clipfusion_cli", False):
-            log.removeHandler(handler)
-            handler.close()
+    while _installed:
+        handler = _installed.pop()
+        log.removeHandler(handler)
+        handler.close()
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     console = _StderrHandler()
     console.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(_ConsoleFormatter())
-    console._clipfusion_cli = True  # type: ignore[attr-defined]
-    log.addHandler(console)
+    _install(console)
     log.setLevel(logging.DEBUG)
     log.propagate = False
     log_file = getattr(args, "log", None)
@@ -117,8 +125,7 @@ def configure_logging(args: argparse.Namespace) -> None:
         to_file = logging.FileHandler(log_file, encoding="utf-8")
         to_file.setLevel(logging.DEBUG)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        to_file._clipfusion_cli = True  # type: ignore[attr-defined]
-        log.addHandler(to_file)
+        _install(to_file)
 
 
 def show_progress(args: argparse.Namespace) -> bool:
