@@ -21,7 +21,10 @@ from clipfusion.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument(
+        "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
+    )
+    p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
     p.add_argument("--out", type=Path, default=Path("clipfusion-out"), help="output folder")
     p.add_argument("--threshold", type=float, help="image score above which an image is anomalous")
@@ -41,16 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.calibration import DEFAULT_QUANTILE, calibrate
+    from clipfusion.cli.fit import read_fitted
     from clipfusion.data.checks import check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs import report
     from clipfusion.outputs.predictions import write_predictions
 
+    if not args.fitted and not args.object:
+        raise ConfigError("give --object NAME (and --refs for few-shot), or --fitted DIR")
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
     if args.normalize not in report.NORMALISATIONS:
         raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
-    config = build_config(args)
+    fitted = read_fitted(args) if args.fitted else None
+    config = fitted.config if fitted else build_config(args)
     progress = not args.no_progress
     files, problems = collect_images(args.images)
     refs, ref_problems = collect_images(args.refs) if args.refs else ([], [])
@@ -77,10 +84,18 @@ def run(args: argparse.Namespace) -> int:
         say(banner)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    detector = CLIPFusion(config, weights_dir=weights_dir(args))
-    detector.fit(args.object, refs).release_text_encoders()
+    if fitted:
+        detector = CLIPFusion.load(fitted.path, weights_dir(args), device=args.device)
+        refs = detector.references
+        args.object = detector.object_name
+    else:
+        detector = CLIPFusion(config, weights_dir=weights_dir(args))
+        detector.fit(args.object, refs).release_text_encoders()
 
     threshold, pixel_threshold = args.threshold, args.pixel_threshold
+    if detector.thresholds is not None and not calib:
+        threshold = detector.thresholds.image if threshold is None else threshold
+        pixel_threshold = detector.thresholds.pixel if pixel_threshold is None else pixel_threshold
     if calib:
         q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE
         thresholds = calibrate(detector, calib, q, batch_size=args.batch_size, progress=progress)
