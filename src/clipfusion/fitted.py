@@ -258,7 +258,8 @@ def read(directory: str | Path) -> FittedRecord:
             not isinstance(entry, dict)
             or entry.get("file") not in files
             or not isinstance(entry.get("meta"), dict)
-            or not isinstance(entry.get("weights", {}).get("fingerprint"), str)
+            or not isinstance(entry.get("weights"), dict)
+            or not isinstance(entry["weights"].get("fingerprint"), str)
         ):
             raise InputError(f"{meta_path}: malformed (no saved state of the {name} branch)")
     thresholds = None
@@ -277,9 +278,9 @@ def _check_weights_folder(fitted: FittedRecord, branch: str, weights_dir: Path |
         return
     from clipfusion.models.weights import manifest_files
 
-    source = fitted.record["branches"][branch]["weights"].get("source", {})
-    recorded = source.get("weights_dir_files") or {}
-    if not recorded:
+    source = fitted.record["branches"][branch]["weights"].get("source")
+    recorded = source.get("weights_dir_files") if isinstance(source, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
         return
     found = manifest_files(weights_dir)
     for rel, sha in sorted(recorded.items()):
@@ -323,8 +324,9 @@ def load(
     fitted = read(directory)
     config = fitted.config if device is None else fitted.config.replace(device=device)
     folder = Path(weights_dir).expanduser() if weights_dir is not None else None
-    for name in fitted.record["branches"]:
-        _check_weights_folder(fitted, name, folder)
+    for name, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)):
+        if used:
+            _check_weights_folder(fitted, name, folder)
     detector = cls(
         config,
         clip=clip,
