@@ -38,14 +38,14 @@ def child(mode: str, preset: str, folder: str) -> None:
 
     reset_peak_memory()  # the peak below is the models', not the imports'
     start = time.perf_counter()
-    if mode == "save":
-        CLIPFusion(load_preset(preset)).fit(OBJECT).release_text_encoders().save(folder)
-    elif mode == "fit":
-        CLIPFusion(load_preset(preset)).fit(OBJECT).release_text_encoders()
+    if mode == "load":
+        detector = CLIPFusion.load(folder)
     else:
-        CLIPFusion.load(folder)
+        detector = CLIPFusion(load_preset(preset)).fit(OBJECT).release_text_encoders()
     seconds = time.perf_counter() - start
-    memory = process_memory()
+    memory = process_memory()  # while the detector is alive: what a predicting process holds
+    if mode == "save":
+        detector.save(folder)
     print(json.dumps({"mode": mode, "seconds": seconds, **memory}))
 
 
