@@ -54,6 +54,19 @@ class FakeBranch:
     def release_text_encoder(self) -> None:
         self.released = True
 
+    def state(self):
+        from clipfusion.branches import BranchState
+
+        tensors = {} if self.memory_bank is None else {"memory_bank": self.memory_bank}
+        return BranchState(tensors, {"object_name": self.object_name})
+
+    def load_state(self, state) -> None:
+        self.object_name = state.meta["object_name"]
+        self.memory_bank = state.tensors.get("memory_bank")
+
+    def weights_fingerprint(self) -> str:
+        return f"fake-{self.name}-{self.size}"
+
     def predict(self, images: list[Image.Image], *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         batch = batch_size or self.default_batch_size
         out: dict[str, list[torch.Tensor]] = {}

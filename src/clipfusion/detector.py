@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from clipfusion.branches import Branch
+from clipfusion.calibration import Thresholds
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, fuse
@@ -53,6 +55,10 @@ def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
     return load_image(item, min_side=MIN_SIDE), str(item)
 
 
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 class CLIPFusion:
     """The fused detector. Either branch can be injected (tests, benchmarks, other weights: anything that
     implements :class:`~clipfusion.branches.Branch`); otherwise each is built from its section of the
@@ -62,6 +68,9 @@ class CLIPFusion:
     ``config.use_clip`` / ``config.use_diffusion`` switch a branch off entirely (ablations, or CLIP-only runs
     on small machines); a switched-off branch contributes zero maps. ``local_files_only`` keeps the hub out of
     loading (default: the hub library's own ``HF_HUB_OFFLINE`` setting; a weights folder never needs it).
+    ``text_encoders=False`` builds the branches without their text encoders (MapDiff never loads its;
+    PatchCLIP drops its text tower once loaded): for a detector whose prompt features come from a saved fit
+    (:meth:`load`), which can then not be fitted for new object names.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class CLIPFusion:
         *,
         weights_dir: str | Path | None = None,
         local_files_only: bool | None = None,
+        text_encoders: bool = True,
     ) -> None:
         self.config = config or load_preset("paper")
         self.weights_dir = Path(weights_dir).expanduser() if weights_dir is not None else None
@@ -88,13 +98,17 @@ class CLIPFusion:
                 from clipfusion.branches.patchclip import PatchCLIP
 
                 start = time.perf_counter()
-                clip = PatchCLIP.from_config(clip_config, local_files_only=local_files_only)
+                clip = PatchCLIP.from_config(
+                    clip_config, local_files_only=local_files_only, text_encoder=text_encoders
+                )
                 log.debug("CLIP branch %s loaded in %.1f s", clip_config.model, time.perf_counter() - start)
             if diffusion is None and self.config.use_diffusion:
                 from clipfusion.branches.mapdiff import MapDiff
 
                 start = time.perf_counter()
-                diffusion = MapDiff.from_config(diffusion_config, local_files_only=local_files_only)
+                diffusion = MapDiff.from_config(
+                    diffusion_config, local_files_only=local_files_only, text_encoder=text_encoders
+                )
                 took = time.perf_counter() - start
                 log.debug("diffusion branch %s loaded in %.1f s", diffusion_config.architecture, took)
             # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
@@ -104,6 +118,10 @@ class CLIPFusion:
         self.branches: list[Branch] = [b for b in (self.clip, self.diffusion) if b is not None]
         self.object_name: str | None = None
         self.references: list[str] = []
+        #: sha256 of each reference file (None for an in-memory image), recorded by :meth:`save`
+        self.reference_sha256: list[str | None] = []
+        #: decision thresholds that travel with the fit (:meth:`save` writes them, :meth:`load` reads them)
+        self.thresholds: Thresholds | None = None
         self.timings: dict[str, float] = {}
 
     # -- construction -------------------------------------------------------------------------------------
@@ -124,6 +142,42 @@ class CLIPFusion:
 
     def save_config(self, path: str | Path) -> Path:
         return save_config(self.config, path)
+
+    # -- a fitted detector on disk ------------------------------------------------------------------------
+    def save(self, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
+        """Save the fit to a folder (configuration, object name, text and prompt embeddings, memory banks,
+        reference names and sha256, ``thresholds`` or else :attr:`thresholds`, software versions, and a
+        fingerprint of the model weights; not the weights themselves). Layout: :mod:`clipfusion.fitted`."""
+        from clipfusion import fitted
+
+        return fitted.save(self, directory, thresholds)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        weights_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        *,
+        device: str | None = None,
+        clip: Branch | None = None,
+        diffusion: Branch | None = None,
+    ) -> CLIPFusion:
+        """A saved fit, ready to :meth:`predict` exactly as the saved detector did, with its
+        :attr:`thresholds`. The model weights come from ``weights_dir`` or the cache, as for the
+        constructor, and must be the ones the fit used (else a :class:`~clipfusion.errors.ConfigError`
+        naming what differs); the text encoders are not loaded. ``device`` overrides where it runs."""
+        from clipfusion import fitted
+
+        return fitted.load(
+            cls,
+            directory,
+            weights_dir=weights_dir,
+            local_files_only=local_files_only,
+            device=device,
+            clip=clip,
+            diffusion=diffusion,
+        )
 
     # -- fit / predict ------------------------------------------------------------------------------------
     @property
@@ -150,6 +204,8 @@ class CLIPFusion:
         log.debug("fitted to %r with %d references in %.1f s", name, len(images), self.timings["fit"])
         self.object_name = name
         self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
+        self.reference_sha256 = [_file_sha256(path) if path else None for _, path in loaded]
+        self.thresholds = None  # thresholds belong to a fit
         return self
 
     def prepare(self, object_names: Iterable[str]) -> CLIPFusion:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clipfusion.branches import resolve_batch_size
+from clipfusion.branches import BranchState, resolve_batch_size
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import PatchCLIPConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
@@ -113,10 +113,13 @@ class PatchCLIP:
         *,
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
+        text_encoder: bool = True,
     ) -> PatchCLIP:
         """Load the model the configuration names (tag, local checkpoint or random) and wrap it.
 
         ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
+        ``text_encoder=False`` drops the text tower as soon as the weights are loaded (open_clip builds both
+        towers together): for a branch that gets its text features from :meth:`load_state`.
         """
         from clipfusion.models.clip import load_open_clip
 
@@ -131,7 +134,10 @@ class PatchCLIP:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
-        return cls(model, tokenizer, config)
+        branch = cls(model, tokenizer, config)
+        if not text_encoder:
+            branch.release_text_encoder()
+        return branch
 
     @classmethod
     def from_preset(cls, name: str = "paper", *, cache_dir: str | None = None, **options: Any) -> PatchCLIP:
@@ -251,6 +257,42 @@ class PatchCLIP:
             if isinstance(getattr(self.model, name, None), torch.nn.Parameter):
                 delattr(self.model, name)
                 setattr(self.model, name, None)
+
+    # -----------------------------------------------------------------------------------------------------
+    # saving and loading the fitted state (the model weights stay where they came from)
+
+    def state(self) -> BranchState:
+        """The fitted object's text features (``text_features``, float32 ``(2, D)``) and, few-shot, the
+        memory bank (``memory_bank``, ``(M, W)`` in the model's dtype), as CPU tensors."""
+        if self.object_name is None:
+            raise ClipfusionError("PatchCLIP.state: the branch is not fitted")
+        tensors = {"text_features": self.text_features(self.object_name).cpu()}
+        if self.memory_bank is not None:
+            tensors["memory_bank"] = self.memory_bank.cpu()
+        return BranchState(tensors, {"object_name": self.object_name, "shots": self._shots})
+
+    def load_state(self, state: BranchState) -> None:
+        """Become fitted from :meth:`state` (of a branch with the same weights), text tower or not."""
+        object_name = state.meta.get("object_name")
+        if not isinstance(object_name, str) or not object_name:
+            raise InputError("clip state: no object name")
+        text = _state_tensor(state, "text_features", "clip")
+        width = int(self._visual.proj.shape[1])
+        if text.ndim != 2 or tuple(text.shape) != (2, width):
+            raise InputError(f"clip state: text_features of shape {tuple(text.shape)}, expected (2, {width})")
+        bank = state.tensors.get("memory_bank")
+        if bank is not None and (bank.ndim != 2 or bank.shape[0] == 0):
+            raise InputError(f"clip state: memory_bank of shape {tuple(bank.shape)}, expected (M, W)")
+        self._text_cache[object_name] = text.to(device=self.device, dtype=torch.float32)
+        self.memory_bank = None if bank is None else bank.to(self.device)
+        self.object_name = object_name
+        self._shots = int(state.meta.get("shots", 0)) if bank is not None else 0
+
+    def weights_fingerprint(self) -> str:
+        """Fingerprint of the image tower, the only weights :meth:`predict` uses."""
+        from clipfusion.models.weights import weights_fingerprint
+
+        return weights_fingerprint({"visual": self._visual})
 
     # -----------------------------------------------------------------------------------------------------
     # stages, public so that a speed harness can time them one by one
@@ -437,6 +479,13 @@ def _checked_visual(model: nn.Module) -> nn.Module:
     if getattr(visual, "proj", None) is None:
         raise ConfigError("PatchCLIP needs an image tower with a projection into the text space")
     return visual
+
+
+def _state_tensor(state: BranchState, key: str, branch: str) -> torch.Tensor:
+    tensor = state.tensors.get(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{branch} state: no {key!r} tensor")
+    return tensor
 
 
 def _checked_images(images: Sequence[Image.Image], what: str) -> list[Image.Image]:

@@ -24,7 +24,10 @@ from clipfusion.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument(
+        "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
+    )
+    p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
     p.add_argument("--out", type=Path, default=Path("clipfusion-out"), help="output folder")
     p.add_argument(
@@ -54,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.calibration import DEFAULT_QUANTILE, Thresholds, calibrate, check_thresholds_for
+    from clipfusion.cli.fit import read_fitted
     from clipfusion.data.checks import check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs import report
@@ -61,13 +65,16 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.outputs.predictions import write_predictions
 
     # every option and path is checked before any model work, each problem in one line
+    if not args.fitted and not args.object:
+        raise ConfigError("give --object NAME (and --refs for few-shot), or --fitted DIR")
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
     if args.normalize not in report.NORMALISATIONS:
         raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
     if args.calibrate is not None and args.thresholds is not None:
         raise ConfigError("give either --calibrate or --thresholds, not both")
-    config = build_config(args)
+    fitted = read_fitted(args) if args.fitted else None
+    config = fitted.config if fitted else build_config(args)
     out = OutputFolder(args.out, overwrite=args.overwrite)
     out.check()
     if args.calibrate is not None:
@@ -99,13 +106,20 @@ def run(args: argparse.Namespace) -> int:
     banner = random_weights_banner(config)
     if banner:
         warn(banner)
-    say(f"loading the models ({config.preset} preset, device {config.device}, {config.dtype})")
-    detector = CLIPFusion(config, weights_dir=weights_dir(args))
-    shots = f"{len(refs)} references: memory banks" if refs else "zero-shot"
-    say(f"fitting to {args.object!r} ({shots})")
-    detector.fit(args.object, refs).release_text_encoders()
+    if fitted:
+        say(f"loading the fitted detector {fitted.path} ({config.preset} preset, device {config.device})")
+        detector = CLIPFusion.load(fitted.path, weights_dir(args), device=args.device)
+        refs = detector.references
+        object_name = detector.object_name
+    else:
+        say(f"loading the models ({config.preset} preset, device {config.device}, {config.dtype})")
+        detector = CLIPFusion(config, weights_dir=weights_dir(args))
+        shots = f"{len(refs)} references: memory banks" if refs else "zero-shot"
+        say(f"fitting to {args.object!r} ({shots})")
+        detector.fit(args.object, refs).release_text_encoders()
+        object_name = args.object
 
-    thresholds = None
+    thresholds = detector.thresholds  # a fitted detector's own, when it was calibrated
     if calib:
         q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE
         say(f"calibrating on {len(calib)} normal images")
@@ -126,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
         thresholds = replace(thresholds, image=threshold, pixel=pixel_threshold)
 
     details = {
-        "object": args.object,
+        "object": object_name,
         "references": f"{len(refs)} ({'zero-shot' if not refs else 'few-shot'})",
         "preset": config.preset,
     }
+    if fitted:
+        details["fitted detector"] = str(fitted.path)
     if skipped:
         details["skipped (unreadable)"] = "; ".join(skipped)
     write_predictions(
@@ -142,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         batch_size=args.batch_size,
         progress=progress,
-        title=f"clipfusion: {args.object}",
+        title=f"clipfusion: {object_name}",
         banner=banner,
         details=details,
     )

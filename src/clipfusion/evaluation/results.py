@@ -53,6 +53,7 @@ def software_versions() -> dict[str, str]:
         "open_clip_torch",
         "diffusers",
         "transformers",
+        "safetensors",
         "numpy",
     ):
         try:
