@@ -109,5 +109,5 @@ def test_fit_refuses_a_non_empty_foreign_output_folder_before_loading(product, t
     (tmp_path / "notes.txt").write_text("mine")
     argv = ["fit", "--object", "cap", "--out", str(tmp_path), "--preset", "tiny", "--no-progress"]
     assert main(argv) == 2
-    assert "is not empty nor a fitted detector" in capsys.readouterr().err
+    assert "is not empty and holds no fitted detector" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
