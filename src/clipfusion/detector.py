@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import warnings
@@ -53,10 +52,6 @@ def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
             raise InputError(f"<PIL image {width}×{height}>: image too small (at least {MIN_SIDE} px a side)")
         return item.convert("RGB"), None
     return load_image(item, min_side=MIN_SIDE), str(item)
-
-
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class CLIPFusion:
@@ -193,6 +188,7 @@ class CLIPFusion:
         """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
         images; empty or None → zero-shot)."""
         from clipfusion.data import object_name as to_object_name
+        from clipfusion.models.weights import sha256_file
 
         name = to_object_name(object_name, self.config.object_names)
         loaded = [_as_image(r) for r in (references or [])]
@@ -204,7 +200,7 @@ class CLIPFusion:
         log.debug("fitted to %r with %d references in %.1f s", name, len(images), self.timings["fit"])
         self.object_name = name
         self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
-        self.reference_sha256 = [_file_sha256(path) if path else None for _, path in loaded]
+        self.reference_sha256 = [sha256_file(Path(path)) if path else None for _, path in loaded]
         self.thresholds = None  # thresholds belong to a fit
         return self
 
