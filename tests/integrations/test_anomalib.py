@@ -200,7 +200,7 @@ def test_contract_of_a_training_free_model(fake_built):
     assert isinstance(zero.post_processor, ClipFusionPostProcessor)
     assert isinstance(zero.model, ClipFusionModel) and isinstance(zero.model, torch.nn.Module)
     assert ClipFusion(preset="tiny", working_size=96).input_size == (96, 96)
-    for bad in ({"shots": -1}, {"shots": 1.5}, {"seed": "0"}):
+    for bad in ({"shots": -1}, {"shots": 1.5}, {"seed": "0"}, {"batch_size": 0}):
         with pytest.raises(ConfigError):
             ClipFusion(preset="tiny", **bad)
 

@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         f"clipfusion.integrations.anomalib needs anomalib 2.7: pip install 'clipfusion[anomalib]' ({exc})"
     ) from exc
 
+from clipfusion.branches import resolve_batch_size
 from clipfusion.config import load_config, with_overrides
 from clipfusion.data import Sample, collect_images, load_image, sample_references
 from clipfusion.data.images import MIN_SIDE
@@ -327,6 +328,8 @@ class ClipFusion(AnomalibModule):
             raise ConfigError(f"shots must be an integer >= 0, got {shots!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if batch_size is not None:
+            resolve_batch_size(batch_size, 1)  # refuses anything but a positive integer, now
         if pre_processor is True:
             pre_processor = working_size_pre_processor(working_size)
         super().__init__(
