@@ -17,6 +17,10 @@ import pytest
 from PIL import Image
 
 from fabricate import random_rgb
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install 'clipfusion[serve]'")
+pytest.importorskip("httpx", reason="the server tests need httpx")
+
 from serving import files_payload, httpx, thread_server, wait_ready
 
 TOKEN = "a-test-token-of-enough-length"
@@ -269,7 +273,10 @@ def test_exported_thresholds_are_what_predict_thresholds_reads(url, fitted, tmp_
         assert loaded.config["preset"] == "tiny"
     refused = httpx.post(f"{url}/v1/detectors/cap/thresholds", json={"image": "x", "pixel": 0.1})
     assert refused.status_code == 400
-    assert list(refused.json()) == ["error"]
+    assert refused.json()["error"].startswith("image: ")
+    huge = httpx.post(f"{url}/v1/detectors/cap/thresholds", content=b"[" + b"0," * 50_000 + b"0]")
+    assert huge.status_code == 413
+    assert huge.json() == {"error": "request body too large (over 64 KiB)"}
 
 
 def test_predict_thresholds_accepts_the_export(url, fitted, tmp_path, capsys):

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install 'clipfusion[serve]'")
+pytest.importorskip("httpx", reason="the server tests need httpx")
+
 from serving import thread_server, wait_ready
 
 pytestmark = pytest.mark.slow

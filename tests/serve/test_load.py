@@ -18,6 +18,9 @@ import time
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install 'clipfusion[serve]'")
+pytest.importorskip("httpx", reason="the server tests need httpx")
+
 from serving import files_payload, httpx, process_server, wait_ready
 
 pytestmark = pytest.mark.slow

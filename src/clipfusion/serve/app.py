@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import secrets
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from clipfusion.detector import AnomalyResult
 
 T = TypeVar("T")
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: the page and its assets; served from the package, never looked up by a request's path
@@ -269,6 +272,27 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[tuple[
     return uploads
 
 
+async def _read_json(request: Request, model: type[BaseModelT], *, limit: int) -> BaseModelT:
+    """A small JSON body, read with a cap (FastAPI's own body reading has none) and validated."""
+    from pydantic import ValidationError
+
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"request body too large (over {limit // 1024} KiB)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before the request was complete") from None
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(400, f"{where}: {first.get('msg', 'invalid')}") from None
+
+
 def _decode_all(uploads: list[tuple[str, bytes]]) -> list[Image.Image]:
     from clipfusion.data.images import MIN_SIDE, ImageTooLargeError, load_image_bytes
 
@@ -484,7 +508,10 @@ def create_app(
 
     # -- errors: one line of JSON each -----------------------------------------------------------------
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        # refused uploads and tokens are the operator's business; a full door is routine (debug only)
+        level = logging.DEBUG if exc.status in (404, 503) else logging.WARNING
+        log.log(level, f"{request.method} {request.url.path}: {exc.status} {exc.message}")
         return _error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -493,9 +520,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        import logging
-
-        logging.getLogger(__name__).error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        log.error(f"unexpected error: {type(exc).__name__}: {exc}", exc_info=exc)
         return _error_response(500, f"internal error ({type(exc).__name__}: {exc})")
 
     @app.exception_handler(RequestValidationError)
@@ -597,9 +622,15 @@ def create_app(
     @api.post(
         "/detectors/{name}/thresholds",
         summary="A thresholds.json for `clipfusion predict --thresholds` with these two values",
-        responses={code: ERRORS[code] for code in (400, 404, 503)},
+        responses={code: ERRORS[code] for code in (400, 404, 413, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ThresholdsIn.model_json_schema()}},
+            }
+        },
     )
-    async def make_thresholds(name: str, values: ThresholdsIn) -> dict[str, Any]:
+    async def make_thresholds(name: str, request: Request) -> dict[str, Any]:
         """The detector's calibrated thresholds with the image and pixel thresholds replaced (what the page
         exports); a detector fitted without calibration gets a thresholds record with no calibration
         images (``n_images`` 0). Either way it carries the configuration, object and references that
@@ -609,6 +640,7 @@ def create_app(
         slot = ready_slot(name)
         detector = slot.detector
         assert detector is not None
+        values = await _read_json(request, ThresholdsIn, limit=64 * 1024)
         if not (math.isfinite(values.image) and math.isfinite(values.pixel)):
             raise ApiError(400, "image and pixel thresholds must be finite numbers")
         if detector.thresholds is not None:

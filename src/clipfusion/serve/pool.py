@@ -14,9 +14,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from clipfusion.errors import ClipfusionError, ConfigError
 from clipfusion.serve.batching import Gate, MicroBatcher
@@ -64,7 +64,6 @@ class Slot:
     detector: CLIPFusion | None = None
     batcher: MicroBatcher[Image.Image, AnomalyResult] | None = None
     load_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
