@@ -87,3 +87,30 @@ def test_detectors_are_named_after_their_folder_or_by_name(fitted_dir):
 
     named = parse_fitted([str(fitted_dir), f"other={fitted_dir}"])
     assert named == {"bottle": fitted_dir, "other": fitted_dir}
+
+
+@pytest.mark.slow
+def test_a_detector_that_cannot_be_loaded_stops_the_server_with_exit_2(fitted_dir, tmp_path):
+    """The folder is well-formed, but its fit was made with other weights (the fake branches'): the server
+    starts, the background load refuses the weights, and the command ends with one line and status 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import clipfusion
+
+    env = dict(os.environ, PYTHONPATH=str(Path(clipfusion.__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-m", "clipfusion", "serve", "--fitted", str(fitted_dir), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("clipfusion: error:")]
+    assert len(errors) == 2  # the log line when it happened, and the command's closing line
+    assert errors[-1].startswith("clipfusion: error: detector 'bottle' could not be loaded: ")
+    assert "are not the ones the detector was fitted with" in errors[-1]
+    assert "Traceback" not in done.stderr
