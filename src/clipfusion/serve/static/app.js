@@ -591,6 +591,12 @@ function init() {
     drop.classList.add("over");
   });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      $("files").click();
+    }
+  });
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
