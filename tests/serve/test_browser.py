@@ -39,12 +39,11 @@ CHROMIUM_ARGS = [
 
 def _chromium() -> str:
     """Debian's Chromium, or a skip (a failure where CI requires the browser)."""
-    path = os.environ.get("CLIPFUSION_CHROMIUM") or "/usr/bin/chromium"
-    if not Path(path).is_file():
-        path = shutil.which("chromium") or ""
+    wanted = os.environ.get("CLIPFUSION_CHROMIUM") or "/usr/bin/chromium"
+    path = wanted if Path(wanted).is_file() else shutil.which("chromium") or ""
     problem = None
     if not path:
-        problem = "no Chromium at /usr/bin/chromium (Debian: apt-get install chromium)"
+        problem = f"no Chromium at {wanted} nor on PATH (Debian: apt-get install chromium)"
     else:
         try:
             import playwright.sync_api  # noqa: F401
@@ -55,6 +54,24 @@ def _chromium() -> str:
             pytest.fail(f"browser test required (CLIPFUSION_REQUIRE_BROWSER=1) but {problem}")
         pytest.skip(f"browser test skipped: {problem}")
     return path
+
+
+def test_without_chromium_the_browser_test_skips_in_one_line_and_fails_where_required(monkeypatch, tmp_path):
+    missing = tmp_path / "no-chromium"
+    monkeypatch.setenv("CLIPFUSION_CHROMIUM", str(missing))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CLIPFUSION_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        _chromium()
+    assert str(skipped.value) == (
+        f"browser test skipped: no Chromium at {missing} nor on PATH (Debian: apt-get install chromium)"
+    )
+    monkeypatch.setenv("CLIPFUSION_REQUIRE_BROWSER", "1")  # what .ci/run sets
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _chromium()
+    required = "browser test required (CLIPFUSION_REQUIRE_BROWSER=1) but no Chromium"
+    assert str(failed.value).startswith(required)
+    assert "\n" not in str(failed.value)
 
 
 @pytest.fixture(scope="module")
