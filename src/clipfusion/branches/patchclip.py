@@ -2,8 +2,9 @@
 
 One forward pass of the OpenCLIP image tower per image gives the global embedding (image score
 ``s_clip_L``), the final-layer patch tokens after ``ln_post`` (memory bank, as WinCLIP+) and the same tokens
-through the projection (compared with the text features). The branch takes PIL images and returns tensors;
-loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons can hand it any open_clip model.
+through the projection (compared with the text features). The branch takes PIL images or a batch of ``[0, 1]``
+float tensors and returns tensors; loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons
+can hand it any open_clip model.
 
 ``patch_mode`` chooses the unit a map is computed on:
 
@@ -37,6 +38,8 @@ from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.maps import resize_maps
 from clipfusion.prompts import clip_prompt_ensemble
 from clipfusion.runtime import resolve_device, resolve_dtype
+
+Images = Sequence[Image.Image] | torch.Tensor
 
 
 class ImageFeatures(NamedTuple):
@@ -158,17 +161,17 @@ class PatchCLIP:
     # -----------------------------------------------------------------------------------------------------
     # the estimator interface
 
-    def fit(self, object_name: str, references: Sequence[Image.Image] | None = None) -> PatchCLIP:
+    def fit(self, object_name: str, references: Images | None = None) -> PatchCLIP:
         """Prepare for one object: its text features and, given references, the memory bank (few-shot).
 
         No references means zero-shot: ``predict`` then returns no ``clip_V``.
         """
-        references = _checked_images(references or [], "reference")
+        references = _checked_images([] if references is None else references, "reference")
         self.text_features(object_name)
         self.object_name = object_name
         self.memory_bank = None
         self._shots = len(references)
-        if references:
+        if len(references):
             with torch.inference_mode():
                 units = [
                     self.features(references[i : i + self.config.batch_size]).visual
@@ -178,10 +181,9 @@ class PatchCLIP:
             self.memory_bank = bank.reshape(-1, bank.shape[-1])
         return self
 
-    def predict(
-        self, images: Sequence[Image.Image], *, batch_size: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Maps and scores of a list of images, as float32 CPU tensors, ``batch_size`` images per pass.
+    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Maps and scores of a list of images (or an ``(N, 3, H, W)`` tensor in [0, 1]), as float32 CPU
+        tensors, ``batch_size`` images per pass.
 
         ``clip_L`` ``(N, S, S)``: probability of the anomalous prompts per unit, upsampled (bilinear) to
         ``S = output_size``; ``s_clip_L`` ``(N,)``: the same probability for the global image embedding;
@@ -297,12 +299,24 @@ class PatchCLIP:
     # -----------------------------------------------------------------------------------------------------
     # stages, public so that a speed harness can time them one by one
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, 3, H, W)`` float32 CPU pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """``(N, 3, H, W)`` float32 pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
 
         Non-square images are stretched rather than centre-cropped, so that the map covers the whole image.
+        PIL images are resized by PIL and come back on the CPU. A float tensor ``(N, 3, H, W)`` in [0, 1]
+        stays on its device and gets PIL's computation in float: the antialiased bicubic filter
+        (``a = -0.5``), width first, then height, clipped to [0, 1] after each pass as PIL clips. Only PIL's
+        rounding to 8 bits after each pass is missing, so the pixels agree with the PIL path to about 1/255.
         """
         size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            pixels = images.float()
+            for shape in ((pixels.shape[-2], size), (size, size)):
+                if pixels.shape[-2:] != shape:
+                    pixels = F.interpolate(
+                        pixels, size=shape, mode="bicubic", align_corners=False, antialias=True
+                    ).clamp(0.0, 1.0)
+            return (pixels - self._mean.to(pixels.device)) / self._std.to(pixels.device)
         arrays = [
             np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
             for image in images
@@ -312,9 +326,21 @@ class PatchCLIP:
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
         return (pixels - self._mean) / self._std
 
-    def preprocess_crops(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def preprocess_crops(self, images: Images) -> torch.Tensor:
         """``(N · n², 3, H, W)``: each image's ``n × n`` tiles (row-major), each pre-processed as an image."""
         n = self.config.crop_grid
+        if isinstance(images, torch.Tensor):
+            height, width = images.shape[-2:]
+            xs = [round(k * width / n) for k in range(n + 1)]
+            ys = [round(k * height / n) for k in range(n + 1)]
+            per_tile = [
+                self.preprocess(
+                    images[..., ys[i] : max(ys[i + 1], ys[i] + 1), xs[j] : max(xs[j + 1], xs[j] + 1)]
+                )
+                for i in range(n)
+                for j in range(n)
+            ]
+            return torch.stack(per_tile, dim=1).flatten(0, 1)  # image by image, tiles row-major
         tiles = []
         for image in images:
             width, height = image.size
@@ -360,7 +386,7 @@ class PatchCLIP:
         pooled, _ = visual._global_pool(x)
         return (pooled @ visual.proj).reshape(batch, n_windows, -1)
 
-    def features(self, images: Sequence[Image.Image]) -> PatchFeatures:
+    def features(self, images: Images) -> PatchFeatures:
         """The units of the configured ``patch_mode`` for a batch of images."""
         mode = self.config.patch_mode
         encoded = self.encode(self.preprocess(images), keep_embedded=mode == "windows")
@@ -488,7 +514,16 @@ def _state_tensor(state: BranchState, key: str, branch: str) -> torch.Tensor:
     return tensor
 
 
-def _checked_images(images: Sequence[Image.Image], what: str) -> list[Image.Image]:
+def _checked_images(images: Images, what: str) -> list[Image.Image] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise InputError(
+                f"expected {what}s as a float (N, 3, H, W) tensor in [0, 1], got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if min(images.shape[-2:], default=0) < 1:
+            raise InputError(f"{what}s: empty images of size {tuple(images.shape[-2:])}")
+        return images
     if isinstance(images, Image.Image):
         raise InputError(f"expected a list of {what}s, got a single PIL image")
     checked = list(images)
