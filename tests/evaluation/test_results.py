@@ -4,7 +4,15 @@ import math
 import pytest
 
 from clipfusion.errors import ConfigError, InputError
-from clipfusion.evaluation import CSV_COLUMNS, METRIC_COLUMNS, ResultStore, RunKey, results_csv, run_plan, summary_markdown
+from clipfusion.evaluation import (
+    CSV_COLUMNS,
+    METRIC_COLUMNS,
+    ResultStore,
+    RunKey,
+    results_csv,
+    run_plan,
+    summary_markdown,
+)
 
 
 def _run(category, shots, seed, value):
