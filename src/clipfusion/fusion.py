@@ -4,55 +4,67 @@ The paper's Eq. 4 (maps, α = 0.25) and Eq. 9 (scores, α = 0.75) weight the CLI
 terms by 1 − α. Zero-shot, the visual (memory-bank) terms are zero. Smoothing is linear, so smoothing each
 component and then fusing equals fusing and then smoothing; smoothing the components first also gives the
 "max of the smoothed map" image terms of Eq. 9 for free.
+
+The fusion is split in two steps, :func:`smooth_components` (resize to the output size and smooth: the
+expensive part, which depends on σ only) and :func:`combine` (Eq. 4 and Eq. 9: cheap, per α and score
+rule), so that an ablation over α and the score rule smooths once per σ; :func:`fuse` chains them and
+:func:`fuse_components` applies a configuration. Every path runs the same code, so a detector's maps and a
+sweep recomputed from stored native-resolution maps are the same numbers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from clipfusion.config import SCORE_MODES
+from clipfusion.config import FUSION_TERMS, SCORE_MODES
+from clipfusion.errors import ConfigError
 from clipfusion.maps import gaussian_smooth, resize_maps
+
+if TYPE_CHECKING:
+    from clipfusion.config import CLIPFusionConfig
 
 CLIP_TERMS = ("clip_L", "clip_V")
 DIFFUSION_TERMS = ("diff_L", "diff_V")
-MAP_NAMES = CLIP_TERMS + DIFFUSION_TERMS
+MAP_NAMES = FUSION_TERMS
 
 
-def fuse(
-    maps: dict[str, torch.Tensor],
+def smooth_components(
+    maps: dict[str, torch.Tensor], *, sigma: float, output_size: int
+) -> dict[str, torch.Tensor]:
+    """Each given component map (any subset of ``MAP_NAMES``, any grid) resized to ``output_size`` by
+    :func:`~clipfusion.maps.resize_maps` and smoothed by :func:`~clipfusion.maps.gaussian_smooth`."""
+    present = {name: maps[name] for name in MAP_NAMES if maps.get(name) is not None}
+    return {name: gaussian_smooth(resize_maps(m, output_size), sigma) for name, m in present.items()}
+
+
+def combine(
+    smoothed: dict[str, torch.Tensor],
     s_clip_L: torch.Tensor | None,
     *,
     alpha_map: float,
     alpha_score: float,
-    sigma: float,
-    output_size: int,
     score_mode: str = "terms",
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Fuse component maps (any subset of ``MAP_NAMES``; absent ones count as zero).
-
-    Returns ``(anomaly_map (N,S,S), score (N,), smoothed component maps)``. With ``score_mode="terms"`` the
-    score is Eq. 9 with ``s_clip_L`` (the global CLIP probability) and the maxima of the other smoothed maps;
-    with ``"max"`` it is the maximum of the smoothed map fused with ``alpha_score``.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4 and Eq. 9 on smoothed component maps (absent ones count as zero): ``(anomaly_map, score)``."""
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-    present = {name: maps[name] for name in MAP_NAMES if maps.get(name) is not None}
-    if not present:
+    if not smoothed:
         raise ValueError("no component map to fuse")
-    smoothed = {name: gaussian_smooth(resize_maps(m, output_size), sigma) for name, m in present.items()}
-    n = next(iter(smoothed.values())).shape[0]
-    zeros = torch.zeros(n, output_size, output_size)
+    first = next(iter(smoothed.values()))
+    n = first.shape[0]
+    zeros = torch.zeros(n, *first.shape[-2:])
 
-    def combine(alpha: float) -> torch.Tensor:
+    def weighted(alpha: float) -> torch.Tensor:
         clip = sum((smoothed[k] for k in CLIP_TERMS if k in smoothed), zeros)
         diffusion = sum((smoothed[k] for k in DIFFUSION_TERMS if k in smoothed), zeros)
         return alpha * clip + (1.0 - alpha) * diffusion
 
-    anomaly_map = combine(alpha_map)
+    anomaly_map = weighted(alpha_map)
     if score_mode == "max":
-        score = combine(alpha_score).flatten(1).amax(dim=1)
+        score = weighted(alpha_score).flatten(1).amax(dim=1)
     else:
         peak = {k: v.flatten(1).amax(dim=1) for k, v in smoothed.items()}
         zero = torch.zeros(n)
@@ -65,4 +77,67 @@ def fuse(
         score = alpha_score * clip_score + (1.0 - alpha_score) * diffusion_score
     if not math.isfinite(float(score.sum())):
         raise FloatingPointError("the fused scores contain NaN or inf")
+    return anomaly_map, score
+
+
+def fuse(
+    maps: dict[str, torch.Tensor],
+    s_clip_L: torch.Tensor | None,
+    *,
+    alpha_map: float,
+    alpha_score: float,
+    sigma: float,
+    output_size: int,
+    score_mode: str = "terms",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Fuse component maps (any subset of ``MAP_NAMES``, any grid; absent ones count as zero).
+
+    Returns ``(anomaly_map (N,S,S), score (N,), smoothed component maps)``. With ``score_mode="terms"`` the
+    score is Eq. 9 with ``s_clip_L`` (the global CLIP probability) and the maxima of the other smoothed maps;
+    with ``"max"`` it is the maximum of the smoothed map fused with ``alpha_score``.
+    """
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+    smoothed = smooth_components(maps, sigma=sigma, output_size=output_size)
+    anomaly_map, score = combine(
+        smoothed, s_clip_L, alpha_map=alpha_map, alpha_score=alpha_score, score_mode=score_mode
+    )
     return anomaly_map, score, smoothed
+
+
+def select_terms(
+    maps: dict[str, torch.Tensor], s_clip_L: torch.Tensor | None, terms: tuple[str, ...] | list[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The component maps (and ``s_clip_L``, the image term of ``clip_L``) that the fusion ``terms`` keep.
+
+    Raises :class:`~clipfusion.errors.ConfigError` when none of the kept maps is present (e.g. only
+    memory-bank maps asked for in a zero-shot run).
+    """
+    kept = {name: maps[name] for name in MAP_NAMES if name in terms and maps.get(name) is not None}
+    if not kept:
+        present = [name for name in MAP_NAMES if maps.get(name) is not None]
+        raise ConfigError(
+            f"terms {'+'.join(terms)}: none of these maps is computed here (present: {', '.join(present)}; "
+            "zero-shot runs have no clip_V or diff_V)"
+        )
+    return kept, (s_clip_L if "clip_L" in terms else None)
+
+
+def fuse_components(
+    components: dict[str, torch.Tensor], config: CLIPFusionConfig
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fuse` with a configuration's options: its ``terms``, α's, σ, score rule and output size.
+
+    ``components`` are the branches' outputs (maps at any grid, ``s_clip_L``); the detector and the sweep of
+    stored maps both fuse through here.
+    """
+    maps, s_clip_L = select_terms(components, components.get("s_clip_L"), config.terms)
+    return fuse(
+        maps,
+        s_clip_L,
+        alpha_map=config.alpha_map,
+        alpha_score=config.alpha_score,
+        sigma=config.sigma,
+        output_size=config.output_size,
+        score_mode=config.score_mode,
+    )
