@@ -1,5 +1,5 @@
-"""The ``clipfusion`` command: one module per subcommand (``predict.py``, ``evaluate.py``, ``demo.py``,
-``weights.py``, ``config.py``), options they share in ``options.py``.
+"""The ``clipfusion`` command: one module per subcommand (``predict.py``, ``evaluate.py``, ``sweep.py``,
+``demo.py``, ``weights.py``, ``config.py``), options they share in ``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
 status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
@@ -14,12 +14,12 @@ import traceback
 from collections.abc import Sequence
 
 from clipfusion import __version__
-from clipfusion.cli import config, demo, evaluate, predict, weights
+from clipfusion.cli import config, demo, evaluate, predict, sweep, weights
 from clipfusion.cli.options import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
 from clipfusion.errors import ClipfusionError
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
-COMMANDS = (evaluate, predict, demo, weights, config)
+COMMANDS = (evaluate, sweep, predict, demo, weights, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out, listing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="store every run's component maps at native resolution in OUT/maps/ (for `clipfusion sweep`)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -54,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         note=f"**{note}**" if note else "",
         skip_bad=args.skip_bad,
         weights_dir=weights_dir(args),
+        save_maps=args.save_maps,
     )
     print((out / "summary.md").read_text(encoding="utf-8"))
     say(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}")
+    if args.save_maps:
+        say(f"maps: {out / 'maps'} (`clipfusion sweep {out} --grid ...` re-evaluates the fusion options)")
     return EXIT_OK

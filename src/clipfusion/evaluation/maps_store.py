@@ -144,6 +144,18 @@ class RunMaps:
         return out
 
 
+def load_run_header(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, run)`` of a maps file without reading its arrays."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "format" not in data.files or str(data["format"]) != FORMAT:
+                raise InputError(f"{path}: not a {FORMAT} maps file")
+            return json.loads(str(data["config"])), json.loads(str(data["run"]))
+    except (OSError, ValueError, EOFError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable maps file ({exc})") from exc
+
+
 def load_run_maps(path: str | Path) -> RunMaps:
     """Read one run's file; a file that is not one (or of another format version) is a clear error."""
     path = Path(path)
@@ -190,6 +202,7 @@ __all__ = [
     "RunMaps",
     "clear_maps_files",
     "list_maps_files",
+    "load_run_header",
     "load_run_maps",
     "maps_file",
     "save_run_maps",
