@@ -13,7 +13,9 @@ from clipfusion.cli.options import (
     say,
     weights_dir,
 )
+from clipfusion.config import CLIPFusionConfig
 from clipfusion.data.datasets import DATASET_KINDS
+from clipfusion.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="store every run's component maps at native resolution in OUT/maps/ (for `clipfusion sweep`)",
     )
+    grid = p.add_argument_group("grid over options that change the diffusion maps")
+    grid.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="diffusion.timestep, diffusion.feature_blocks, diffusion.attention_blocks or "
+        "diffusion.state_words; a comma separates grid values, a plus sign joins the items of one list value "
+        "(--grid diffusion.feature_blocks=up_blocks.0,up_blocks.1+up_blocks.2 is two points). Each point "
+        "is stored as a run in OUT/<point>/ with its maps; OUT/table.md shows the grid",
+    )
+    grid.add_argument(
+        "--latent-memory-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="VAE latents a grid keeps in memory before streaming them to files in OUT (default: 1024)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -40,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.evaluation import evaluate
 
     config = build_config(args)
+    if args.grid:
+        return run_grid(args, config)
+    if args.latent_memory_mb is not None:
+        raise ConfigError("--latent-memory-mb applies to --grid runs only")
     note = random_weights_banner(config)
     if note:
         say(note)
@@ -65,4 +89,46 @@ def run(args: argparse.Namespace) -> int:
     say(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}")
     if args.save_maps:
         say(f"maps: {out / 'maps'} (`clipfusion sweep {out} --grid ...` re-evaluates the fusion options)")
+    return EXIT_OK
+
+
+def run_grid(args: argparse.Namespace, config: CLIPFusionConfig) -> int:
+    from clipfusion.evaluation.grid import DEFAULT_LATENT_MEMORY_MB, evaluate_grid
+    from clipfusion.evaluation.gridspec import FUSION_OPTIONS, MAP_OPTIONS, parse_grid
+
+    grid = parse_grid(
+        args.grid,
+        MAP_OPTIONS,
+        other=f"fusion options ({', '.join(FUSION_OPTIONS)}) are swept from stored maps: `clipfusion sweep`",
+    )
+    note = random_weights_banner(config)
+    if note:
+        say(note)
+    out = args.out or Path("runs") / f"{args.dataset}-{config.preset}-grid"
+    result = evaluate_grid(
+        args.dataset,
+        args.root,
+        out,
+        config=config,
+        grid=grid,
+        categories=args.category,
+        shots=args.shots,
+        seeds=args.seeds,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        log=say,
+        note=f"**{note}**" if note else "",
+        skip_bad=args.skip_bad,
+        weights_dir=weights_dir(args),
+        latent_memory_mb=DEFAULT_LATENT_MEMORY_MB if args.latent_memory_mb is None else args.latent_memory_mb,
+    )
+    print((out / "table.md").read_text(encoding="utf-8"))
+    if result.model_seconds:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.model_seconds.items())
+        say(f"model time: {parts}; images through the VAE {result.counts.get('vae_images', 0)}")
+    say(
+        f"{len(result.points)} grid points in {out}/<point>/ (each an evaluation with maps/); "
+        f"table: {out / 'table.md'}"
+    )
     return EXIT_OK

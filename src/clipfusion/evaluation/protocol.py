@@ -88,6 +88,25 @@ def check_dataset(
     return splits, files
 
 
+def run_header(
+    kind: str,
+    root: str | Path,
+    config: CLIPFusionConfig,
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    skipped: Sequence[str],
+) -> dict[str, Any]:
+    """What ``results.json`` records besides the runs (and what ``--resume`` compares: the configuration)."""
+    return {
+        "dataset": kind,
+        "root": str(Path(root).resolve()),
+        "config": config.to_dict(),
+        "versions": software_versions(),
+        "protocol": {"shots": list(shots), "seeds": list(seeds), "zero_shot_runs_once": True},
+        "skipped": list(skipped),
+    }
+
+
 def ground_truth_masks(test: Sequence[Any], size: int) -> np.ndarray | None:
     """``(N, size, size)`` bool masks of a test split (nearest resize; zeros for normal images), or ``None``
     when pixel metrics cannot be computed (no anomalous image, or one without a mask)."""
@@ -218,14 +237,7 @@ def evaluate(
     for line in skipped:
         log(f"skipped: {line}")
 
-    header = {
-        "dataset": kind,
-        "root": str(Path(root).resolve()),
-        "config": config.to_dict(),
-        "versions": software_versions(),
-        "protocol": {"shots": list(shots), "seeds": list(seeds), "zero_shot_runs_once": True},
-        "skipped": skipped,
-    }
+    header = run_header(kind, root, config, shots, seeds, skipped)
     store = ResultStore(out_dir, header, resume, note=note)
     if not resume:
         clear_maps_files(out_dir)  # maps of an earlier evaluation must not mix with this one's
