@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfusion.cli import main
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.evaluation import evaluate
@@ -216,23 +215,3 @@ def test_latent_cache_streams_above_its_limit(tmp_path):
     assert (cache.encoded, cache.reused) == (3, 2)
     cache.clear()
     assert not list((tmp_path / "spill").iterdir())
-
-
-def test_cli_refuses_fusion_options_in_an_evaluate_grid(data, tmp_path, capsys):
-    argv = [
-        "evaluate",
-        "--dataset",
-        "folder",
-        "--root",
-        str(data),
-        "--preset",
-        "tiny",
-        "--out",
-        str(tmp_path),
-    ]
-    assert main([*argv, "--grid", "alpha_map=0,1"]) == 2
-    assert "clipfusion sweep" in capsys.readouterr().err
-    assert main([*argv, "--grid", "diffusion.feature_blocks=up_blocks.9"]) == 2
-    assert "up_blocks.9" in capsys.readouterr().err
-    assert main([*argv, "--latent-memory-mb", "5"]) == 2
-    assert "--grid runs only" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipfusion.cli import main
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.errors import ConfigError, InputError
@@ -148,28 +147,3 @@ def test_resume_with_save_maps_redoes_runs_without_maps(synthetic_root, tmp_path
     # a fresh (not resumed) evaluation removes maps of an earlier one
     evaluate("folder", synthetic_root, tmp_path, config=config, detector_factory=_factory(), **kwargs)
     assert not list((tmp_path / "maps").glob("*.npz"))
-
-
-def test_cli(stored, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "sweep",
-                str(stored),
-                "--grid",
-                "alpha_map=0,1",
-                "--out",
-                str(tmp_path),
-                "--no-plots",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    captured = capsys.readouterr()
-    assert "| 1 ★ |" in captured.out or "| 2 ★ |" in captured.out
-    assert "2 grid points × 6 runs" in captured.err
-    assert main(["sweep", str(stored), "--grid", "diffusion.timestep=50"]) == 2
-    assert "clipfusion evaluate --grid" in capsys.readouterr().err
-    assert main(["sweep", str(tmp_path / "nothing"), "--grid", "alpha_map=0"]) == 2
-    assert "no such run folder" in capsys.readouterr().err
