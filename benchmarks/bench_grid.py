@@ -78,7 +78,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     with contextlib.suppress(Exception):
-        info["torch_cpu_capabilities"] = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
+        info["torch_cpu_capabilities"] = dict(torch.cpu.get_capabilities())  # type: ignore[attr-defined]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():

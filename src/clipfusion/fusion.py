@@ -5,9 +5,10 @@ terms by 1 − α. Zero-shot, the visual (memory-bank) terms are zero. Smoothing
 component and then fusing equals fusing and then smoothing; smoothing the components first also gives the
 "max of the smoothed map" image terms of Eq. 9 for free.
 
-The fusion is split in two steps, :func:`smooth_components` (resize to the output size and smooth: the
-expensive part, which depends on σ only) and :func:`combine` (Eq. 4 and Eq. 9: cheap, per α and score
-rule), so that an ablation over α and the score rule smooths once per σ; :func:`fuse` chains them and
+The fusion is split in steps, :func:`smooth_components` (resize to the output size and smooth: the
+expensive part, which depends on σ only), :func:`term_sums` (the two sums of Eq. 4, independent of α),
+:func:`weigh` (Eq. 4) and :func:`image_scores` (Eq. 9), chained by :func:`combine`, so that an ablation over
+α and the score rule smooths and sums once per σ; :func:`fuse` chains them and
 :func:`fuse_components` applies a configuration. Every path runs the same code, so a detector's maps and a
 sweep recomputed from stored native-resolution maps are the same numbers.
 """
@@ -40,6 +41,69 @@ def smooth_components(
     return {name: gaussian_smooth(resize_maps(m, output_size), sigma) for name, m in present.items()}
 
 
+def term_sums(smoothed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clip_L + clip_V, diff_L + diff_V)`` of smoothed maps (absent ones count as zero): the two sums
+    Eq. 4 weighs, which do not depend on α (an α sweep computes them once)."""
+    if not smoothed:
+        raise ValueError("no component map to fuse")
+    first = next(iter(smoothed.values()))
+    zeros = torch.zeros(first.shape[0], *first.shape[-2:])
+    clip = sum((smoothed[k] for k in CLIP_TERMS if k in smoothed), zeros)
+    diffusion = sum((smoothed[k] for k in DIFFUSION_TERMS if k in smoothed), zeros)
+    return clip, diffusion
+
+
+def weigh(
+    sums: tuple[torch.Tensor, torch.Tensor],
+    alpha: float,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Eq. 4 on :func:`term_sums`: ``α · clip + (1 − α) · diffusion``.
+
+    ``out``: two buffers shaped like the sums to compute into (the same operations, so the same numbers),
+    returning the first: a sweep over α then writes its large maps into the same memory every time.
+    """
+    clip, diffusion = sums
+    if out is None:
+        return alpha * clip + (1.0 - alpha) * diffusion
+    weighted, other = out
+    torch.mul(clip, alpha, out=weighted)
+    torch.mul(diffusion, 1.0 - alpha, out=other)
+    return torch.add(weighted, other, out=weighted)
+
+
+def image_scores(
+    smoothed: dict[str, torch.Tensor],
+    s_clip_L: torch.Tensor | None,
+    *,
+    alpha_score: float,
+    score_mode: str = "terms",
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+    peaks: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Eq. 9 (``terms``: ``s_clip_L`` and the maxima of the other smoothed maps) or the maximum of the map
+    fused with ``alpha_score`` (``max``). ``sums`` (:func:`term_sums`) and ``peaks`` (each map's maximum)
+    can be passed when already computed."""
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+    if score_mode == "max":
+        score = weigh(sums if sums is not None else term_sums(smoothed), alpha_score).flatten(1).amax(dim=1)
+    else:
+        peak = peaks if peaks is not None else {k: v.flatten(1).amax(dim=1) for k, v in smoothed.items()}
+        zero = torch.zeros(next(iter(smoothed.values())).shape[0])
+        clip_score = peak.get("clip_V", zero)
+        if s_clip_L is not None:
+            clip_score = clip_score + s_clip_L.float()
+        elif "clip_L" in peak:
+            clip_score = clip_score + peak["clip_L"]
+        diffusion_score = peak.get("diff_L", zero) + peak.get("diff_V", zero)
+        score = alpha_score * clip_score + (1.0 - alpha_score) * diffusion_score
+    if not math.isfinite(float(score.sum())):
+        raise FloatingPointError("the fused scores contain NaN or inf")
+    return score
+
+
 def combine(
     smoothed: dict[str, torch.Tensor],
     s_clip_L: torch.Tensor | None,
@@ -51,33 +115,9 @@ def combine(
     """Eq. 4 and Eq. 9 on smoothed component maps (absent ones count as zero): ``(anomaly_map, score)``."""
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-    if not smoothed:
-        raise ValueError("no component map to fuse")
-    first = next(iter(smoothed.values()))
-    n = first.shape[0]
-    zeros = torch.zeros(n, *first.shape[-2:])
-
-    def weighted(alpha: float) -> torch.Tensor:
-        clip = sum((smoothed[k] for k in CLIP_TERMS if k in smoothed), zeros)
-        diffusion = sum((smoothed[k] for k in DIFFUSION_TERMS if k in smoothed), zeros)
-        return alpha * clip + (1.0 - alpha) * diffusion
-
-    anomaly_map = weighted(alpha_map)
-    if score_mode == "max":
-        score = weighted(alpha_score).flatten(1).amax(dim=1)
-    else:
-        peak = {k: v.flatten(1).amax(dim=1) for k, v in smoothed.items()}
-        zero = torch.zeros(n)
-        clip_score = peak.get("clip_V", zero)
-        if s_clip_L is not None:
-            clip_score = clip_score + s_clip_L.float()
-        elif "clip_L" in peak:
-            clip_score = clip_score + peak["clip_L"]
-        diffusion_score = peak.get("diff_L", zero) + peak.get("diff_V", zero)
-        score = alpha_score * clip_score + (1.0 - alpha_score) * diffusion_score
-    if not math.isfinite(float(score.sum())):
-        raise FloatingPointError("the fused scores contain NaN or inf")
-    return anomaly_map, score
+    sums = term_sums(smoothed)
+    score = image_scores(smoothed, s_clip_L, alpha_score=alpha_score, score_mode=score_mode, sums=sums)
+    return weigh(sums, alpha_map), score
 
 
 def fuse(

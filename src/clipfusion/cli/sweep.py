@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=METRIC_COLUMNS,
         help="metric that picks the starred best point and the slices plotted (default: image_auroc)",
     )
-    p.add_argument("--workers", type=int, default=None, help="threads for the pixel metrics (default: 2)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
         grid,
         out_dir=args.out,
         best_by=args.best_by,
-        workers=args.workers,
         plots=not args.no_plots,
         progress=not args.no_progress,
         log=say,

@@ -7,9 +7,10 @@ the terms) only act after the branches, so each grid point is the stored maps th
 equals a separate ``evaluate`` with its configuration (same references). The stored configuration itself is
 recomputed too and compared with ``results.json``, which checks the file and the claim at once.
 
-Cost: the resize and the smoothing (the expensive part of the fusion) run once per σ and map, the pixel
-metrics once per distinct fused map (α of Eq. 9 and the score rule do not change the map), in
-``workers`` threads (NumPy's sort releases the GIL).
+Cost: the resize and the smoothing run once per σ and map, the sums of Eq. 4 once per σ and terms, and a
+fused map and its pixel metrics (one sort of every pixel: the dominant cost) once per distinct σ, terms and
+α of Eq. 4 — α of Eq. 9 and the score rule do not change the map. The masks' regions are labelled once per
+run, and the fused maps of an α sweep are written into the same memory every time.
 
 Outputs (``<run>/sweep`` unless told): ``sweep.csv`` (one row per grid point × category × shots × seed,
 metrics as fractions), ``sweep.md`` (per shot count, each point's mean over categories in percent, ± the
@@ -24,10 +25,8 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ def sweep(
     *,
     out_dir: str | Path | None = None,
     best_by: str = "image_auroc",
-    workers: int | None = None,
     plots: bool = True,
     progress: bool = False,
     log: Callable[[str], None] = print,
@@ -110,19 +108,15 @@ def sweep(
     points = grid_points(grid)
     configs = [apply_point(base, point) for point in points]
     stored = _stored_rows(run_dir)
-    workers = workers or min(2, os.cpu_count() or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
 
     rows: list[dict[str, Any]] = []
     check: float | None = None if stored is None else 0.0
     bar = progress_bar(len(files), "sweep", enabled=progress)
-    executor = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for path in files:
             run = load_run_maps(path)
             key = RunKey(run.category, run.shots, run.seed)
-            metrics = _run_points(run, [*configs, base], executor, workers)
+            metrics = _run_points(run, [*configs, base])
             for index, (point, values) in enumerate(zip(points, metrics, strict=False)):
                 row = {"point": index + 1, **{k: value_text(v) for k, v in point.items()}}
                 row.update(category=key.category, shots=key.shots, seed=key.seed, **values)
@@ -132,8 +126,6 @@ def sweep(
             bar.update(1)
     finally:
         bar.close()
-        if executor is not None:
-            executor.shutdown()
 
     out = Path(out_dir) if out_dir is not None else run_dir / "sweep"
     note = RANDOM_NOTE if base.random_weights else ""
@@ -170,12 +162,17 @@ def _difference(ours: dict[str, float], theirs: dict[str, Any] | None, path: Pat
     return worst
 
 
-def _run_points(
-    run: Any, configs: list[CLIPFusionConfig], executor: ThreadPoolExecutor | None, workers: int
-) -> list[dict[str, float]]:
-    """Metrics of one stored run under each configuration (they differ in fusion options only)."""
-    from clipfusion.fusion import MAP_NAMES, combine, select_terms, smooth_components
-    from clipfusion.metrics import image_metrics, pixel_metrics
+def _run_points(run: Any, configs: list[CLIPFusionConfig]) -> list[dict[str, float]]:
+    """Metrics of one stored run under each configuration (they differ in fusion options only).
+
+    The fusion's own steps (:mod:`clipfusion.fusion`), shared where the options allow: smoothing per σ, the
+    sums of Eq. 4 and each map's maximum per σ and terms, a fused map and its pixel metrics per distinct
+    (σ, terms, α of Eq. 4), an image score per distinct (σ, terms, α of Eq. 9, score rule).
+    """
+    import torch
+
+    from clipfusion.fusion import MAP_NAMES, image_scores, select_terms, smooth_components, term_sums, weigh
+    from clipfusion.metrics import PixelScorer, image_metrics
 
     components = run.components()
     maps = {name: components[name] for name in MAP_NAMES if name in components}
@@ -184,10 +181,14 @@ def _run_points(
     labels = run.labels
     image_rows: list[dict[str, float] | None] = [None] * len(configs)
     pixel_of: list[Any] = [None] * len(configs)
-    pixel_jobs: dict[tuple[Any, ...], Future | dict[str, float]] = {}
-    pending: list[Future] = []
+    pixel_jobs: dict[tuple[Any, ...], dict[str, float]] = {}
+    # the masks' regions are labelled once for all the points of the run
+    pixel_metrics = PixelScorer(run.masks) if run.masks is not None else None
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
     for sigma in dict.fromkeys(c.sigma for c in configs):
         smoothed = smooth_components(maps, sigma=sigma, output_size=size)
+        shared: dict[tuple[str, ...], tuple[Any, ...]] = {}  # per kept terms: maps, s_clip_L, sums, peaks
+        scores: dict[tuple[Any, ...], dict[str, float]] = {}
         for i, cfg in enumerate(configs):
             if cfg.sigma != sigma:
                 continue
@@ -195,26 +196,33 @@ def _run_points(
                 kept, s_kept = select_terms(smoothed, s_clip_L, cfg.terms)
             except ConfigError:
                 continue  # none of the terms exists in this run (memory-bank maps in a zero-shot run)
-            anomaly_map, score = combine(
-                kept, s_kept, alpha_map=cfg.alpha_map, alpha_score=cfg.alpha_score, score_mode=cfg.score_mode
-            )
-            values = image_metrics(labels, score.numpy().astype(np.float64))
-            image_rows[i] = {f"image_{k}": v for k, v in values.items()}
-            if run.masks is None:
+            terms = tuple(kept)
+            if terms not in shared:
+                peaks = {k: v.flatten(1).amax(dim=1) for k, v in kept.items()}
+                shared[terms] = (kept, s_kept, term_sums(kept), peaks)
+            kept, s_kept, sums, peaks = shared[terms]
+            score_key = (terms, cfg.alpha_score, cfg.score_mode)
+            if score_key not in scores:
+                score = image_scores(
+                    kept,
+                    s_kept,
+                    alpha_score=cfg.alpha_score,
+                    score_mode=cfg.score_mode,
+                    sums=sums,
+                    peaks=peaks,
+                )
+                values = image_metrics(labels, score.numpy().astype(np.float64))
+                scores[score_key] = {f"image_{k}": v for k, v in values.items()}
+            image_rows[i] = scores[score_key]
+            if pixel_metrics is None:
                 continue
-            job = (sigma, cfg.alpha_map, tuple(t for t in MAP_NAMES if t in cfg.terms and t in kept))
+            job = (sigma, cfg.alpha_map, terms)
             if job not in pixel_jobs:
-                fused = anomaly_map.numpy()
-                if executor is None:
-                    pixel_jobs[job] = pixel_metrics(run.masks, fused)
-                else:
-                    # at most `workers` maps waiting: each holds N·S² floats plus its sort keys
-                    while len(pending) >= workers:
-                        pending.pop(0).result()
-                    future = executor.submit(pixel_metrics, run.masks, fused)
-                    pending.append(future)
-                    pixel_jobs[job] = future
+                # computed into the same two buffers every time: no fresh N·S² allocation per point
+                buffers = buffers or (torch.empty_like(sums[0]), torch.empty_like(sums[0]))
+                pixel_jobs[job] = pixel_metrics(weigh(sums, cfg.alpha_map, out=buffers).numpy())
             pixel_of[i] = job
+        del smoothed, shared
     out = []
     for image_row, job in zip(image_rows, pixel_of, strict=True):
         row = {c: math.nan for c in METRIC_COLUMNS}
@@ -222,8 +230,7 @@ def _run_points(
             row.update(image_row)
         if job is not None:
             value = pixel_jobs[job]
-            pixel = value.result() if isinstance(value, Future) else value
-            row.update({f"pixel_{k}": v for k, v in pixel.items()})
+            row.update({f"pixel_{k}": v for k, v in value.items()})
         out.append(row)
     return out
 
