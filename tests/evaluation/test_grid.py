@@ -138,7 +138,10 @@ def test_a_grid_point_equals_a_separate_evaluation(grid_run, data, tmp_path, con
 def test_table_and_sweep_of_a_grid_point(grid_run, data, tmp_path, config, factory):
     out, _ = grid_run
     table = (out / "table.md").read_text()
-    assert "PIPELINE DEMONSTRATION" not in table  # no note was given to the library call
+    assert "Random-weight models" in table  # no note given: the library adds the warning itself
+    assert (
+        "Random-weight models" in (out / "timestep-50_feature_blocks-up_blocks.0" / "summary.md").read_text()
+    )
     assert "| timestep \\ feature_blocks | up_blocks.0 | up_blocks.2 |" in table
     assert "| 50 | " in table and "| 200 | " in table and "## 1-shot" in table
     with Image.open(out / "table.png") as image:

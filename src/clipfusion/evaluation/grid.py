@@ -180,13 +180,21 @@ def evaluate_grid(
     latent_memory_mb: float = DEFAULT_LATENT_MEMORY_MB,
 ) -> GridResult:
     """Evaluate every point of ``grid`` (options in :data:`~clipfusion.evaluation.gridspec.MAP_OPTIONS`)
-    over the protocol, sharing the work the points have in common (see the module docstring)."""
+    over the protocol, sharing the work the points have in common (see the module docstring).
+
+    ``note`` heads every table (each point's ``summary.md`` and ``table.md``); with random weights and no
+    note, a warning that the numbers check the pipeline only.
+    """
     from clipfusion.data.datasets import dataset_categories
     from clipfusion.evaluation.maps_store import clear_maps_files, maps_file
     from clipfusion.evaluation.protocol import check_dataset, run_header, run_plan
     from clipfusion.outputs.files import atomic_write_text
 
     out_dir = Path(out_dir)
+    if not note and config.random_weights:
+        from clipfusion.evaluation.sweep import RANDOM_NOTE
+
+        note = f"**{RANDOM_NOTE}**"  # every table of a random-weight grid says what its numbers are worth
     if latent_memory_mb < 0:
         raise ConfigError(f"--latent-memory-mb must be >= 0, got {latent_memory_mb}")
     points = grid_config_points(config, grid, out_dir)
