@@ -47,20 +47,28 @@ TARGET = 2.3
 
 
 class ModelClock:
-    """Seconds spent in wrapped methods of the branch instances, by label."""
+    """Seconds spent in wrapped methods of the branch instances, by label, exclusive of nested wrapped calls
+    (``MapDiff.predict`` runs the VAE and the UNet from inside ``maps_from_passes``: that is model time,
+    not map arithmetic)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._nested: list[float] = []  # per open wrapped call: time spent in wrapped calls inside it
 
     def wrap(self, obj: Any, method: str, label: str) -> None:
         original = getattr(obj, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
+            self._nested.append(0.0)
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                inner = self._nested.pop()
+                self.seconds[label] += elapsed - inner
+                if self._nested:
+                    self._nested[-1] += elapsed
 
         setattr(obj, method, timed)
 

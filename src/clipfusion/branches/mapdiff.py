@@ -559,30 +559,36 @@ class MapDiff:
     def maps_from_passes(
         self,
         passes: Iterable[tuple[str, int, UNetCapture]],
-        prompts: dict[str, PromptTokens],
+        prompts: dict[str, PromptTokens] | None,
         memory_bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
         *,
         layers: Sequence[str] | None = None,
         blocks: Sequence[str] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(diff_L, diff_V or None)`` of one batch on their native grids: the maps of every (state word,
-        noise draw) pass averaged, in the order given. ``layers`` / ``blocks`` default to the configured ones.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(diff_L, diff_V)`` of one batch on their native grids: the maps of every (state word, noise
+        draw) pass averaged, in the order given; ``diff_L`` needs the ``prompts`` and ``diff_V`` the
+        ``memory_bank`` (either is ``None`` without them). ``layers`` / ``blocks`` default to the configured
+        ones.
 
         :meth:`predict` and a grid over the diffusion options (which runs each UNet pass once for several
-        option sets) both average through here, so their maps are the same numbers.
+        option sets and runs) both average through here, so their maps are the same numbers.
         """
         language = visual = None
         n_passes = 0
         for state, draw, capture in passes:
             n_passes += 1
-            m_l = self.attention_map(capture, prompts[state], layers=layers)
-            language = m_l if language is None else language + m_l
+            if prompts is not None:
+                m_l = self.attention_map(capture, prompts[state], layers=layers)
+                language = m_l if language is None else language + m_l
             if memory_bank is not None:
                 m_v = self.feature_distance(capture, memory_bank[(state, draw)], blocks=blocks)
                 visual = m_v if visual is None else visual + m_v
-        if language is None:
+        if n_passes == 0:
             raise ClipfusionError("no UNet pass to average")
-        return language / n_passes, (None if visual is None else visual / n_passes)
+        return (
+            None if language is None else language / n_passes,
+            None if visual is None else visual / n_passes,
+        )
 
     def predict(
         self, images: Images, *, batch_size: int | None = None, native: bool = False
@@ -601,6 +607,7 @@ class MapDiff:
         for start in range(0, pixels.shape[0], batch):
             passes = self._passes(pixels[start : start + batch], attention=True)
             language, visual = self.maps_from_passes(passes, self.prompts, self.memory_bank)
+            assert language is not None
             outputs["diff_L"].append(language if native else resize_maps(language, self.config.output_size))
             if visual is not None:
                 outputs["diff_V"].append(visual if native else resize_maps(visual, self.config.output_size))

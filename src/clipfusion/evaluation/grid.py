@@ -477,19 +477,19 @@ class _GridEngine:
                             for draw in range(md.config.n_noise)
                             for word in words
                         ]
+                        # diff_L does not depend on the run: once per point; diff_V once per point and run
+                        language, _ = md.maps_from_passes(passes, prompts, layers=self.layers[point.index])
+                        assert language is not None
                         for key in runs:
                             if key not in todo[point.index]:
                                 continue
-                            language, visual = md.maps_from_passes(
-                                passes,
-                                prompts,
-                                banks.get(key),
-                                layers=self.layers[point.index],
-                                blocks=point.config.diffusion.feature_blocks,
-                            )
                             slot = maps.setdefault((point.index, key), {})
                             slot.setdefault("diff_L", []).append(language.float().cpu())
-                            if visual is not None:
+                            if key in banks:
+                                _, visual = md.maps_from_passes(
+                                    passes, None, banks[key], blocks=point.config.diffusion.feature_blocks
+                                )
+                                assert visual is not None
                                 slot.setdefault("diff_V", []).append(visual.float().cpu())
                     self.seconds["maps"] += time.perf_counter() - start
                     del captures
