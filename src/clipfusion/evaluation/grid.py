@@ -82,9 +82,9 @@ class LatentCache:
     """VAE latents of image batches, keyed by the batch's image paths (a batch is encoded as a plain run
     encodes it, so the latents are the same numbers).
 
-    Kept in memory up to ``memory_limit`` bytes; beyond that each batch is written to a file in
-    ``spill_dir`` (safetensors-free ``torch.save`` of a plain tensor, read back with ``weights_only=True``)
-    and read when needed, so a large test split slows down instead of failing.
+    Kept in host memory up to ``memory_limit`` bytes; beyond that each batch is written to a file in
+    ``spill_dir`` (``torch.save`` of a plain tensor, read back with ``weights_only=True``) and read when
+    needed, so a large test split slows down instead of failing. The caller moves them to its device.
     """
 
     def __init__(self, memory_limit: int, spill_dir: Path) -> None:
@@ -111,7 +111,7 @@ class LatentCache:
         stored = latents.detach().cpu()
         size = stored.numel() * stored.element_size()
         if self.bytes_in_memory + size <= self.memory_limit:
-            self._memory[key] = latents
+            self._memory[key] = stored  # host memory: a GPU run keeps its device memory for the models
             self.bytes_in_memory += size
         else:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
