@@ -470,6 +470,7 @@ class _GridEngine:
                     z0 = self._latents(chunk)
                     captures = self._unet(z0, timestep, layers=layers, blocks=blocks)
                     start = time.perf_counter()
+                    languages: dict[tuple[Any, ...], Any] = {}
                     for point in points:
                         words = point.config.diffusion.state_words
                         passes = [
@@ -477,8 +478,14 @@ class _GridEngine:
                             for draw in range(md.config.n_noise)
                             for word in words
                         ]
-                        # diff_L does not depend on the run: once per point; diff_V once per point and run
-                        language, _ = md.maps_from_passes(passes, prompts, layers=self.layers[point.index])
+                        # diff_L depends on the words and layers only (not on the run or the feature block):
+                        # once per batch for the points that share them; diff_V once per point and run
+                        shared = (tuple(words), tuple(self.layers[point.index]))
+                        if shared not in languages:
+                            languages[shared] = md.maps_from_passes(
+                                passes, prompts, layers=self.layers[point.index]
+                            )[0]
+                        language = languages[shared]
                         assert language is not None
                         for key in runs:
                             if key not in todo[point.index]:
