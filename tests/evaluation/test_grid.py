@@ -13,7 +13,13 @@ from PIL import Image
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.evaluation import evaluate
-from clipfusion.evaluation.grid import LatentCache, _GridEngine, evaluate_grid
+from clipfusion.evaluation.grid import (
+    LatentCache,
+    _GridEngine,
+    build_config,
+    evaluate_grid,
+    grid_config_points,
+)
 from clipfusion.evaluation.gridspec import apply_point
 from clipfusion.evaluation.results import METRIC_COLUMNS
 from clipfusion.evaluation.sweep import sweep
@@ -88,6 +94,16 @@ def grid_run(data, tmp_path_factory, config, factory):
     return out, result
 
 
+def test_the_grid_builds_its_model_for_every_block_of_every_point(config, tmp_path):
+    # a MapDiff built for early exit may leave out the UNet modules after the last block its configuration
+    # reads: the grid's model is built with the blocks of every point
+    grid = {**GRID, "diffusion.attention_blocks": [("up_blocks.1",), ("up_blocks.1", "up_blocks.2")]}
+    built = build_config(config, grid_config_points(config, grid, tmp_path))
+    assert built.diffusion.feature_blocks == ("up_blocks.0", "up_blocks.2")
+    assert built.diffusion.attention_blocks == ("up_blocks.1", "up_blocks.2")
+    assert built.diffusion.timestep == config.diffusion.timestep and built.clip == config.clip
+
+
 def _rows(path):
     return {(r["category"], r["shots"], r["seed"]): r for r in json.loads(path.read_text())["runs"]}
 
@@ -100,6 +116,7 @@ def test_a_grid_point_equals_a_separate_evaluation(grid_run, data, tmp_path, con
     assert result.counts["vae_images"] == N_TEST + 1
     assert result.counts["unet_images"] == 2 * (N_TEST + 1)
     assert len(list(out.glob(".latents-*"))) == 0  # the streamed latents are removed afterwards
+    assert factory.built[0].diffusion.feature_blocks == ("up_blocks.0", "up_blocks.2")  # see build_config
     point = {"diffusion.timestep": 200, "diffusion.feature_blocks": ("up_blocks.0",)}
     separate = tmp_path / "separate"
     evaluate(

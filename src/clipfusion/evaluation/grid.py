@@ -159,6 +159,20 @@ def grid_config_points(config: CLIPFusionConfig, grid: Grid, out_dir: Path) -> l
     return points
 
 
+def build_config(config: CLIPFusionConfig, points: Sequence[GridPoint]) -> CLIPFusionConfig:
+    """The configuration the grid's detector is built with: the base one, with the union of every point's
+    feature and attention blocks (in the order the points give them).
+
+    The one place that decides which UNet blocks the built model must keep: a MapDiff built for early exit
+    may leave out the modules after the last block its configuration reads, and every block any grid point
+    reads must stay reachable. The grid passes each point's own blocks and layers to every step; the built
+    configuration only decides what is built.
+    """
+    feature = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.feature_blocks))
+    attention = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.attention_blocks))
+    return config.replace(**{"diffusion.feature_blocks": feature, "diffusion.attention_blocks": attention})
+
+
 def evaluate_grid(
     kind: str,
     root: str | Path,
@@ -301,12 +315,13 @@ class _GridEngine:
         from clipfusion.branches.attention import cross_attention_layers
         from clipfusion.branches.mapdiff import MapDiff
 
+        built = build_config(config, points)  # every block of every point reachable in the built UNet
         if detector_factory is None:
             from clipfusion.detector import CLIPFusion
 
-            detector = CLIPFusion(config, weights_dir=weights_dir)
+            detector = CLIPFusion(built, weights_dir=weights_dir)
         else:
-            detector = detector_factory(config)
+            detector = detector_factory(built)
         if not isinstance(detector.diffusion, MapDiff):
             raise ConfigError("a grid over diffusion options needs the MapDiff diffusion branch")
         self.detector = detector
@@ -750,6 +765,7 @@ __all__ = [
     "GridPoint",
     "GridResult",
     "LatentCache",
+    "build_config",
     "evaluate_grid",
     "grid_table_markdown",
     "write_grid_table",
