@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.config import save_config
+    from clipfusion.outputs.folders import check_output_file
 
+    if args.save:
+        check_output_file(args.save, "--save")
     config = build_config(args)
     if args.save:
         save_config(config, args.save)

@@ -11,11 +11,13 @@ from clipfusion.cli.options import (
     build_config,
     random_weights_banner,
     say,
+    show_progress,
+    warn,
     weights_dir,
 )
 from clipfusion.config import CLIPFusionConfig
 from clipfusion.data.datasets import DATASET_KINDS
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ConfigError, InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out, listing them")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--save-maps",
         action="store_true",
@@ -64,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return run_grid(args, config)
     if args.latent_memory_mb is not None:
         raise ConfigError("--latent-memory-mb applies to --grid runs only")
+    out = _checked_out(args, args.out or Path("runs") / f"{args.dataset}-{config.preset}")
     note = random_weights_banner(config)
     if note:
-        say(note)
-    out = args.out or Path("runs") / f"{args.dataset}-{config.preset}"
+        warn(note)
     evaluate(
         args.dataset,
         args.root,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         resume=args.resume,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=show_progress(args),
         log=say,
         note=f"**{note}**" if note else "",
         skip_bad=args.skip_bad,
@@ -92,6 +93,16 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checked_out(args: argparse.Namespace, out: Path) -> Path:
+    from clipfusion.outputs.folders import check_creatable, check_input_folder
+
+    check_input_folder(args.root, "--root")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out names an existing file; give a folder")
+    check_creatable(out, "--out")
+    return out
+
+
 def run_grid(args: argparse.Namespace, config: CLIPFusionConfig) -> int:
     from clipfusion.evaluation.grid import DEFAULT_LATENT_MEMORY_MB, evaluate_grid
     from clipfusion.evaluation.gridspec import FUSION_OPTIONS, MAP_OPTIONS, parse_grid
@@ -101,10 +112,10 @@ def run_grid(args: argparse.Namespace, config: CLIPFusionConfig) -> int:
         MAP_OPTIONS,
         other=f"fusion options ({', '.join(FUSION_OPTIONS)}) are swept from stored maps: `clipfusion sweep`",
     )
+    out = _checked_out(args, args.out or Path("runs") / f"{args.dataset}-{config.preset}-grid")
     note = random_weights_banner(config)
     if note:
-        say(note)
-    out = args.out or Path("runs") / f"{args.dataset}-{config.preset}-grid"
+        warn(note)
     result = evaluate_grid(
         args.dataset,
         args.root,
@@ -116,7 +127,7 @@ def run_grid(args: argparse.Namespace, config: CLIPFusionConfig) -> int:
         seeds=args.seeds,
         resume=args.resume,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=show_progress(args),
         log=say,
         note=f"**{note}**" if note else "",
         skip_bad=args.skip_bad,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipfusion.cli.options import EXIT_OK, say
+from clipfusion.cli.options import EXIT_OK, say, show_progress
 from clipfusion.evaluation.results import METRIC_COLUMNS
 
 
@@ -37,7 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="metric that picks the starred best point and the slices plotted (default: image_auroc)",
     )
     p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         best_by=args.best_by,
         plots=not args.no_plots,
-        progress=not args.no_progress,
+        progress=show_progress(args),
         log=say,
     )
     print((result.out_dir / "sweep.md").read_text(encoding="utf-8"))
