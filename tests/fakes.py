@@ -73,13 +73,23 @@ class FakeBranch:
     def weights_fingerprint(self) -> str:
         return f"fake-{self.name}-{self.size}"
 
-    def predict(self, images: list[Image.Image], *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: list[Image.Image], *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
+        from clipfusion.maps import resize_maps
+
         batch = batch_size or self.default_batch_size
         out: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(images), batch):
             for key, value in self._predict_batch(images[start : start + batch]).items():
                 out.setdefault(key, []).append(value)
-        return {key: torch.cat(values) for key, values in out.items()}
+        # the fake's native grid is its `size`
+        return {
+            key: torch.cat(values)
+            if native or key == "s_clip_L"
+            else resize_maps(torch.cat(values), self.config.output_size)
+            for key, values in out.items()
+        }
 
     def _predict_batch(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         self.batches.append(len(images))

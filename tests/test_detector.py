@@ -188,6 +188,43 @@ def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
         det.fit("screw", refs)
 
 
+def test_results_carry_the_native_maps_the_fusion_resized():
+    from clipfusion.fusion import fuse_components
+
+    config = load_preset("tiny").replace(output_size=32)
+    det = CLIPFusion(config, clip=FakeBranch("clip", 24), diffusion=FakeBranch("diffusion", 24))
+    det.fit("bottle", _images(2, seed=1))
+    images = _images(3, seed=2)
+    results = det.predict(images)
+    assert set(results[0].native_maps) == {"clip_L", "clip_V", "diff_L", "diff_V"}
+    assert results[0].native_maps["clip_L"].shape == (24, 24) and results[0].anomaly_map.shape == (32, 32)
+    components = {
+        k: torch.from_numpy(np.stack([r.native_maps[k] for r in results])) for k in results[0].native_maps
+    }
+    components["s_clip_L"] = torch.tensor([r.s_clip_L for r in results])
+    fused, score, _ = fuse_components(components, config)
+    for i, result in enumerate(results):
+        assert np.array_equal(result.anomaly_map, fused[i].numpy()) and result.score == float(score[i])
+
+
+def test_terms_leave_maps_out_of_the_fusion():
+    det = CLIPFusion(
+        load_preset("tiny").replace(output_size=32, terms=["clip_L", "diff_L"]),
+        clip=FakeBranch("clip", 32),
+        diffusion=FakeBranch("diffusion", 32),
+    )
+    [result] = det.fit("bottle", _images(2, seed=1)).predict(_images(1, seed=3))
+    assert result.native_maps["clip_V"].any()  # computed, but not fused
+    assert not result.maps["clip_V"].any() and not result.maps["diff_V"].any()
+    zero_shot = CLIPFusion(
+        load_preset("tiny").replace(output_size=32, terms=["clip_V"]),
+        clip=FakeBranch("clip", 32),
+        diffusion=FakeBranch("diffusion", 32),
+    ).fit("bottle")
+    with pytest.raises(ConfigError, match="terms clip_V: none of these maps is computed here"):
+        zero_shot.predict(_images(1))
+
+
 def test_branches_are_known_by_the_protocol_alone():
     from clipfusion.branches import Branch
 

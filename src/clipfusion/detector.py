@@ -20,7 +20,7 @@ from clipfusion.branches import Branch
 from clipfusion.calibration import Thresholds
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.fusion import MAP_NAMES, fuse
+from clipfusion.fusion import MAP_NAMES, fuse_components
 from clipfusion.progress import progress_bar
 from clipfusion.runtime import free_device_memory, return_freed_memory
 
@@ -33,13 +33,21 @@ Images = Sequence[ImageLike] | ImageLike | torch.Tensor
 @dataclass
 class AnomalyResult:
     """One image's answer. ``maps`` holds ``clip_L``, ``clip_V``, ``diff_L``, ``diff_V`` after smoothing,
-    at the output size; in zero-shot mode the two visual maps are zero, as in the paper's fusion."""
+    at the output size; in zero-shot mode the two visual maps are zero, as in the paper's fusion.
+
+    ``native_maps`` are the component maps as the branches computed them, before the resize and the
+    smoothing (each on its own grid: 15×15 CLIP tokens, the diffusion attention/feature grid; only those
+    computed), and ``s_clip_L`` the global CLIP probability: what ``evaluate --save-maps`` stores so that the
+    fusion can be redone exactly.
+    """
 
     score: float
     anomaly_map: np.ndarray
     maps: dict[str, np.ndarray]
     image_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    native_maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    s_clip_L: float | None = None
 
     def mask(self, threshold: float) -> np.ndarray:
         """Binary anomaly mask: pixels whose fused value exceeds ``threshold`` (same scale as the map)."""
@@ -290,7 +298,7 @@ class CLIPFusion:
                 chunk = [_as_image(item) for item in images[start : start + batch_size]]
                 pixels = [img for img, _ in chunk]
             try:
-                outputs = self.predict_tensors(pixels, batch_size=batch_size)
+                components = self.predict_components(pixels, batch_size=batch_size)
             except torch.OutOfMemoryError as exc:
                 free_device_memory()
                 if batch_size == 1:
@@ -301,6 +309,7 @@ class CLIPFusion:
                 batch_size = max(1, batch_size // 2)
                 warnings.warn(f"out of memory; retrying with batch size {batch_size}", stacklevel=2)
                 continue
+            outputs = self.fuse(components)
             for i, (_, path) in enumerate(chunk):
                 results.append(
                     AnomalyResult(
@@ -309,6 +318,12 @@ class CLIPFusion:
                         maps={k: outputs[k][i].numpy().astype(np.float32, copy=False) for k in MAP_NAMES},
                         image_path=path,
                         config=config_dict,
+                        native_maps={
+                            k: components[k][i].numpy().astype(np.float32, copy=False)
+                            for k in MAP_NAMES
+                            if k in components
+                        },
+                        s_clip_L=float(components["s_clip_L"][i]) if "s_clip_L" in components else None,
                     )
                 )
             start += len(chunk)
@@ -322,30 +337,35 @@ class CLIPFusion:
         """One list of PIL images (or a float ``(N, 3, H, W)`` batch in [0, 1]) through both branches
         (``batch_size`` per forward pass) and the fusion; float32 CPU tensors: ``score``, ``anomaly_map``,
         the four smoothed maps and ``s_clip_L``."""
-        cfg = self.config
+        return self.fuse(self.predict_components(images, batch_size=batch_size))
+
+    def predict_components(
+        self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The branches' outputs for a list of images (or a float batch), before the fusion: float32 CPU
+        tensors, each map on its branch's own grid (``native=True``), and ``s_clip_L``."""
         outputs: dict[str, torch.Tensor] = {}
         for branch in self.branches:
             start = time.perf_counter()
-            produced = branch.predict(images, batch_size=batch_size)
+            produced = branch.predict(images, batch_size=batch_size, native=True)
             outputs.update({k: v.detach().float().cpu() for k, v in produced.items()})
             self.timings[branch.name] = self.timings.get(branch.name, 0.0) + time.perf_counter() - start
+        return outputs
+
+    def fuse(self, components: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The configured fusion (:func:`clipfusion.fusion.fuse_components`) of :meth:`predict_components`'
+        output: ``score``, ``anomaly_map``, the four smoothed maps (zero where not computed or not among
+        the ``terms``) and ``s_clip_L``."""
+        cfg = self.config
         start = time.perf_counter()
-        anomaly_map, score, smoothed = fuse(
-            {k: outputs.get(k) for k in MAP_NAMES},
-            outputs.get("s_clip_L"),
-            alpha_map=cfg.alpha_map,
-            alpha_score=cfg.alpha_score,
-            sigma=cfg.sigma,
-            output_size=cfg.output_size,
-            score_mode=cfg.score_mode,
-        )
+        anomaly_map, score, smoothed = fuse_components(components, cfg)
         self.timings["fusion"] = self.timings.get("fusion", 0.0) + time.perf_counter() - start
         n = anomaly_map.shape[0]
         zeros = torch.zeros(n, cfg.output_size, cfg.output_size)
         result = {name: smoothed.get(name, zeros) for name in MAP_NAMES}
         result.update(anomaly_map=anomaly_map, score=score)
-        if "s_clip_L" in outputs:
-            result["s_clip_L"] = outputs["s_clip_L"]
+        if "s_clip_L" in components:
+            result["s_clip_L"] = components["s_clip_L"]
         return result
 
 

@@ -263,6 +263,19 @@ def test_few_shot_clip_v_localises_synthetic_defects(tiny, synthetic_root):
     assert min(results.values()) >= 0.9, results
 
 
+@pytest.mark.parametrize(("mode", "grid"), [("tokens", 15), ("windows", 15), ("crops", 3)])
+def test_native_maps_are_the_unit_grid_that_the_output_maps_resize(mode, grid, images, references):
+    from clipfusion.maps import resize_maps
+
+    clip = PatchCLIP.from_preset("tiny", patch_mode=mode).fit("screw", references)
+    native, resized = clip.predict(images, native=True), clip.predict(images)
+    assert native["clip_L"].shape == native["clip_V"].shape == (3, grid, grid)
+    for name in ("clip_L", "clip_V"):
+        assert torch.equal(resize_maps(native[name], S), resized[name])
+    assert torch.equal(native["s_clip_L"], resized["s_clip_L"])
+    assert clip.predict([], native=True)["clip_L"].shape == (0, grid, grid)
+
+
 # -- a batch of [0, 1] float tensors (what anomalib and data loaders hand over) ---------------------------
 
 

@@ -181,13 +181,17 @@ class PatchCLIP:
             self.memory_bank = bank.reshape(-1, bank.shape[-1])
         return self
 
-    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: Images, *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Maps and scores of a list of images (or an ``(N, 3, H, W)`` tensor in [0, 1]), as float32 CPU
         tensors, ``batch_size`` images per pass.
 
         ``clip_L`` ``(N, S, S)``: probability of the anomalous prompts per unit, upsampled (bilinear) to
         ``S = output_size``; ``s_clip_L`` ``(N,)``: the same probability for the global image embedding;
-        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: distance to the nearest reference unit.
+        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: distance to the nearest reference unit. With
+        ``native`` the maps stay on the unit grid (tokens and windows: the token grid, 15×15 for a 240 px
+        ViT-B/16; crops: ``crop_grid`` × ``crop_grid``).
         """
         if self.object_name is None:
             raise ClipfusionError("PatchCLIP.predict was called before fit(object_name, references)")
@@ -198,10 +202,13 @@ class PatchCLIP:
         with torch.inference_mode():
             for start in range(0, len(images), batch):
                 features = self.features(images[start : start + batch])
-                for key, value in self.maps_from_features(features, text, self.memory_bank).items():
+                maps = self.maps_from_features(features, text, self.memory_bank, native=native)
+                for key, value in maps.items():
                     outputs.setdefault(key, []).append(value)
         if not outputs:  # no images: empty tensors of the right shapes
             size = self.config.output_size
+            if native:
+                size = self.config.crop_grid if self.config.patch_mode == "crops" else self.grid_size[0]
             empty = {"clip_L": torch.empty(0, size, size), "s_clip_L": torch.empty(0)}
             if self.memory_bank is not None:
                 empty["clip_V"] = torch.empty(0, size, size)
@@ -405,19 +412,22 @@ class PatchCLIP:
         features: PatchFeatures,
         text_features: torch.Tensor,
         memory_bank: torch.Tensor | None = None,
+        *,
+        native: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Scores and maps (float32, CPU) from a batch's units: ``s_clip_L``, ``clip_L`` and ``clip_V``."""
+        """Scores and maps (float32, CPU) from a batch's units: ``s_clip_L``, ``clip_L`` and ``clip_V``
+        (at the output size, or with ``native`` on the unit grid)."""
         text = text_features.to(self.device, torch.float32)
         image = F.normalize(features.image.float(), dim=-1)
         outputs = {"s_clip_L": self._anomalous_probability(image, text).cpu()}
         language = F.normalize(features.language.float(), dim=-1)
-        outputs["clip_L"] = self._to_map(self._anomalous_probability(language, text)).cpu()
+        outputs["clip_L"] = self._to_map(self._anomalous_probability(language, text), native).cpu()
         if memory_bank is not None:
             # 1 - cos can come out a hair below 0 in floating point; the harmonic mean needs it >= 0
             distance = nearest_neighbour_distance(
                 features.visual, memory_bank, distance=self.config.distance
             ).clamp_min(0.0)
-            outputs["clip_V"] = self._to_map(distance).cpu()
+            outputs["clip_V"] = self._to_map(distance, native).cpu()
         return outputs
 
     # -----------------------------------------------------------------------------------------------------
@@ -426,8 +436,8 @@ class PatchCLIP:
         logits = normalized @ text.T / self.config.temperature
         return logits.softmax(dim=-1)[..., 1]
 
-    def _to_map(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(N, U)`` unit scores → ``(N, S, S)`` map, bilinear from the unit grid."""
+    def _to_map(self, scores: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """``(N, U)`` unit scores → ``(N, S, S)`` map, bilinear from the unit grid (``native``: the grid)."""
         mode = self.config.patch_mode
         if mode == "tokens":
             grid = scores.reshape(scores.shape[0], *self.grid_size)
@@ -435,7 +445,7 @@ class PatchCLIP:
             grid = harmonic_aggregation(scores, self.grid_size, self.config.window_size)
         else:
             grid = scores.reshape(scores.shape[0], self.config.crop_grid, self.config.crop_grid)
-        return resize_maps(grid, self.config.output_size)
+        return grid.float() if native else resize_maps(grid, self.config.output_size)
 
     def _transformer(self, x: torch.Tensor) -> torch.Tensor:
         transformer = self._visual.transformer
