@@ -20,3 +20,15 @@ def test_gaussian_smooth_matches_scipy(size, sigma):
 def test_sigma_zero_is_identity():
     maps = torch.rand(1, 16, 16)
     assert torch.equal(gaussian_smooth(maps, 0.0), maps)
+
+
+def test_reduced_precision_maps_are_resized_and_smoothed_in_float32():
+    from clipfusion.maps import resize_maps
+
+    maps = torch.rand(2, 15, 15)
+    low = maps.to(torch.bfloat16)
+    resized = resize_maps(low, 64)
+    assert resized.dtype == torch.float32
+    assert torch.equal(resized, resize_maps(low.float(), 64))  # the upcast comes first, not after
+    smoothed = gaussian_smooth(low, sigma=2.0)
+    assert smoothed.dtype == torch.float32 and torch.equal(smoothed, gaussian_smooth(low.float(), 2.0))

@@ -41,8 +41,11 @@ DEFAULT_DIFFUSION_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 ATTENTION_NORMALISERS = ("prompt", "words", "sequence")
 
 DEFAULT_DEVICE = "auto"
-DEFAULT_DTYPE = "float32"
+#: resolved per device by :func:`clipfusion.runtime.auto_dtype` (float32, bfloat16 or float16)
+DEFAULT_DTYPE = "auto"
 DEFAULT_OUTPUT_SIZE = 256
+#: the table of a saved configuration that records what ``auto`` resolved to (ignored when reading it back)
+RESOLVED_KEY = "resolved"
 
 
 class _Placement:
@@ -417,15 +420,26 @@ def load_config(path: str | Path) -> CLIPFusionConfig:
             raise ConfigError(f"{path}: configuration files must end in .json or .toml")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if isinstance(data, dict):
+        data.pop(RESOLVED_KEY, None)  # a record of where the file was written; the options are the rest
     return from_dict(CLIPFusionConfig, data, where=str(path))
 
 
-def save_config(config: CLIPFusionConfig, path: str | Path) -> Path:
-    """Write ``.json`` or ``.toml`` (chosen by the suffix), atomically."""
+def save_config(
+    config: CLIPFusionConfig, path: str | Path, *, resolved: dict[str, Any] | None = None
+) -> Path:
+    """Write ``.json`` or ``.toml`` (chosen by the suffix), atomically.
+
+    ``resolved`` (what ``"auto"`` resolved to where the file was written, see
+    :func:`clipfusion.runtime.resolve_placement`) is stored as a ``resolved`` table beside the options: a
+    record of the run, not an option, so :func:`load_config` ignores it.
+    """
     from clipfusion.outputs.files import atomic_write_bytes
 
     path = Path(path)
     data = config.to_dict()
+    if resolved:
+        data[RESOLVED_KEY] = resolved
     if path.suffix.lower() == ".json":
         payload = json.dumps(data, indent=2).encode()
     elif path.suffix.lower() == ".toml":

@@ -1,5 +1,5 @@
 """The ``clipfusion`` command: one module per subcommand (``predict.py``, ``evaluate.py``, ``demo.py``,
-``weights.py``, ``config.py``), options they share in ``options.py``.
+``weights.py``, ``config.py``, ``bench.py``), options they share in ``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
 status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
@@ -14,12 +14,12 @@ import traceback
 from collections.abc import Sequence
 
 from clipfusion import __version__
-from clipfusion.cli import config, demo, evaluate, predict, weights
+from clipfusion.cli import bench, config, demo, evaluate, predict, weights
 from clipfusion.cli.options import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
 from clipfusion.errors import ClipfusionError
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
-COMMANDS = (evaluate, predict, demo, weights, config)
+COMMANDS = (evaluate, predict, demo, weights, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,19 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
-    # `clipfusion bench ARGS` is handed whole to the benchmark's own parser (see main)
-    sub.add_parser(
-        "bench", help="speed and memory benchmark against anomalib WinCLIP (benchmarks/RESULTS.md)"
-    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from clipfusion import bench
-
-        return bench.main(argv[1:], prog="clipfusion bench")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
