@@ -164,6 +164,8 @@ def ablation_section(
         start = time.perf_counter()
         variant.fit(OBJECT, references[:1])
         fit_s[name] = time.perf_counter() - start
+    for variant in detectors.values():  # all prompts are cached; the shared text encoders can go
+        variant.release_text_encoders()
     first: dict[str, Any] = {}  # each variant's result in the warm-up round
 
     def call(name: str, i: int) -> None:

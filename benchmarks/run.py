@@ -28,6 +28,7 @@ from benchmarks.machine import machine_info, measure_peaks, speed_probe
 from benchmarks.memory import MemoryRun, start_worker_server
 from benchmarks.settings import Settings, add_arguments, settings_from_args
 from benchmarks.timing import CpuMonitor
+from clipfusion.runtime import return_freed_memory
 
 BENCHMARKS = Path(__file__).resolve().parent
 #: issue 12: peak resident memory at the resolved dtype (random-full, k = 1), GB
@@ -102,6 +103,7 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         results["comparison"] = section(
             "comparison", lambda: comparison_section(settings, references, queries, peaks, log)
         )
+        return_freed_memory()  # the comparison's detectors are gone; the ablation builds its own
         if settings.ablation:
             from benchmarks.ablation import ablation_section
 
