@@ -137,9 +137,10 @@ class MapDiffConfig(_Placement):
     up_blocks.1), ``distance`` (cosine: how ``diff_V`` compares a feature with the memory bank),
     ``attention_normaliser`` ("prompt": the state-word attention divided by the attention on every prompt
     token but the start token, i.e. the words and the end token; "words": the words only; "sequence": all 76
-    positions after the start token, padding included) and ``early_exit`` (stop the UNet after the last block
-    a map reads; the maps are identical, the time is not) and ``channels_last`` (the VAE convolves in NHWC
-    layout: same values up to rounding, faster on CPUs and GPUs) and ``compile`` (``torch.compile`` the VAE
+    positions after the start token, padding included) and ``early_exit`` (stop the UNet as soon as every
+    layer a map reads has run, and drop the blocks it never reaches when loading; the maps are identical,
+    the time and memory are not) and ``channels_last`` (the VAE convolves in NHWC layout: same values up to
+    rounding, faster on CPUs and GPUs) and ``compile`` (``torch.compile`` the VAE
     encoder, the largest single cost: a one-off compile of about a minute per batch shape, then about 20 %
     less VAE time on a CPU; off by default).
     """
