@@ -77,12 +77,15 @@ def by_kind(counter: Any) -> dict[str, int]:
     return out
 
 
-def floor_seconds(flops: dict[str, int], peaks: dict[str, Any], dtype: str) -> float | None:
-    """Seconds the FLOPs take at the measured peaks of ``dtype`` (None when a peak was not measured)."""
+def floor_seconds(
+    flops: dict[str, int], peaks: dict[str, Any], dtype: str, *, slowest: bool = False
+) -> float | None:
+    """Seconds the FLOPs take at the measured peaks of ``dtype`` (None when a peak was not measured); with
+    ``slowest``, at the slowest measured kernel of each kind instead: a pessimistic projection of a call."""
     total = 0.0
     for kind in KINDS:
         if flops.get(kind):
-            peak = peaks.get(kind, {}).get(dtype)
+            peak = peaks.get(f"{kind}_slowest" if slowest else kind, {}).get(dtype)
             if not peak:
                 return None
             total += flops[kind] / (peak * 1e9)

@@ -178,11 +178,20 @@ def measure_peaks(
     """The compute floor's references, per dtype: GFLOP/s of a square matmul (the better of ``mm`` and a
     linear layer), and of channels-last 3×3 convolutions at the channel counts and sides of the VAE and UNet
     (the best of them is the convolution peak). Best of ``repeats``, not median: a peak is what the
-    hardware can do; noise only slows a run."""
+    hardware can do; noise only slows a run. The slowest kernel of each kind is kept too: where a dtype has
+    no hardware support its rate varies tenfold between shapes, and the slowest bounds how long a call may
+    take (whether a contender can be timed at all)."""
     from clipfusion.runtime import resolve_dtype
 
     dev = torch.device(device)
-    peaks: dict[str, Any] = {"matmul": {}, "matmul_kernels": {}, "conv": {}, "conv_shapes": {}}
+    peaks: dict[str, Any] = {
+        "matmul": {},
+        "matmul_kernels": {},
+        "matmul_slowest": {},
+        "conv": {},
+        "conv_shapes": {},
+        "conv_slowest": {},
+    }
     generator = torch.Generator("cpu").manual_seed(0)
     for name in dtypes:
         dtype = resolve_dtype(name, dev)
@@ -207,6 +216,7 @@ def measure_peaks(
             }
         peaks["matmul_kernels"][name] = rates
         peaks["matmul"][name] = max(rates.values())
+        peaks["matmul_slowest"][name] = min(rates.values())
         rates = {}
         for channels, side in conv_shapes:
             conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dev, dtype)
@@ -220,4 +230,5 @@ def measure_peaks(
                 )
         peaks["conv_shapes"][name] = rates
         peaks["conv"][name] = max(rates.values())
+        peaks["conv_slowest"][name] = min(rates.values())
     return peaks

@@ -70,22 +70,24 @@ def latency_section(comparison: dict[str, Any], settings: dict[str, Any], on: st
         cells = []
         for entry in comparison["latency"]:
             value = entry["times"].get(c["key"])
-            cells.append(ms(value["median_s"]) if value else f"not timed (floor {ms(c['floor_s'])})")
-        rows.append((contender_name(c), *cells, ms(c["floor_s"])))
+            cells.append(ms(value["median_s"]) if value else "not timed")
+        rows.append((contender_name(c), *cells, ms(c["floor_s"]), ms(c.get("projected_s"))))
     regimes = [f"{e['regime']} ms" for e in comparison["latency"]]
     loads = "; ".join(f"{e['regime']}: {load_line(e.get('load'))}" for e in comparison["latency"])
     return [
         f"## Latency per image, batch 1 — {on}",
         "",
-        table(("contender", *regimes, "floor ms (1-shot)"), rows),
+        table(("contender", *regimes, "floor ms (1-shot)", "projected ms (slowest kernels)"), rows),
         "",
         f"Median of {settings.get('repeats')} rounds after {settings.get('warmup')} warm-up; every round "
         "calls each contender once on the same image (interleaved, so the machine's drifting speed hits "
         "them alike). "
         "Models loaded and memory banks built beforehand; both systems start from decoded PIL images. Floor: "
-        "the contender's FLOPs at the convolution and matmul peaks measured in this run for its dtype; a "
-        f"contender whose floor exceeds {settings.get('max_call_s'):g} s is not interleaved (its memory run "
-        f"below times one call). Load: {loads}.",
+        "the contender's FLOPs at the convolution and matmul peaks measured in this run for its dtype; "
+        "projected: the same FLOPs at the slowest kernel measured of each kind. A contender projected "
+        f"over {settings.get('max_call_s'):g} s per call is not interleaved (its memory run below times one "
+        "call). "
+        f"Load: {loads}.",
         "",
     ]
 

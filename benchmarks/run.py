@@ -135,7 +135,7 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
 def memory_runs(settings: Settings, results: dict[str, Any], data: Path, workdir: Path) -> list[MemoryRun]:
     """One worker per CLIPFusion dtype, and the resolved dtype without its memory optimisations (before)."""
     floors = {
-        c["dtype"]: c["floor_s"]
+        c["dtype"]: c["projected_s"]
         for c in (results.get("comparison") or {}).get("contenders", [])
         if c["system"] == "clipfusion"
     }

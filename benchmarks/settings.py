@@ -33,9 +33,9 @@ class Settings:
     stage_repeats: int = 3
     faith_images: int = 2
     image_size: int = 512
-    #: a contender whose floor (its FLOPs at the measured peaks of its dtype) exceeds this many seconds per
-    #: call is not interleaved (minutes per call: a dtype without hardware support); its memory run still
-    #: times one call
+    #: a contender whose call is projected (its FLOPs at the slowest measured kernels of its dtype) to take
+    #: longer than this is not interleaved (minutes per call: a dtype without hardware support); its memory
+    #: run still times one call
     max_call_s: float = 120.0
     winclip: bool = True
     throughput: bool = True
@@ -88,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--throughput-warmup", type=int, default=None, help="untimed batches first (default 0, CUDA 2)")
     add("--stage-repeats", type=int, default=None, help="repeats of the stage breakdown (default 3)")
     add("--faith-images", type=int, default=None, help="images for the faithfulness check (default 2)")
-    add("--max-call-s", type=float, default=None, help="floor above which a contender is not interleaved")
+    add(
+        "--max-call-s", type=float, default=None, help="projected s/call above which a contender is not timed"
+    )
     add("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add("--no-winclip", action="store_true", help="skip the anomalib WinCLIP baseline")
     add("--no-throughput", action="store_true", help="skip the throughput measurement")
