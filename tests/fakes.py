@@ -36,7 +36,13 @@ class FakeBranch:
     def shots(self) -> int:
         return 0 if self.memory_bank is None else len(self.memory_bank)
 
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+    def _pixels(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):  # a float (N, 3, H, W) batch in [0, 1]
+            if images.shape[-2:] == (self.size, self.size):
+                return images.float()
+            return torch.nn.functional.interpolate(
+                images.float(), size=(self.size, self.size), mode="bilinear"
+            )
         arrays = [
             np.asarray(img.convert("RGB").resize((self.size, self.size)), dtype=np.float32) / 255.0
             for img in images
@@ -45,7 +51,7 @@ class FakeBranch:
 
     def fit(self, object_name: str, images: list[Image.Image] | None = None) -> FakeBranch:
         self.object_name = object_name
-        self.memory_bank = self._pixels(images) if images else None
+        self.memory_bank = self._pixels(images) if images is not None and len(images) else None
         return self
 
     def prepare(self, object_names) -> None:
@@ -53,6 +59,19 @@ class FakeBranch:
 
     def release_text_encoder(self) -> None:
         self.released = True
+
+    def state(self):
+        from clipfusion.branches import BranchState
+
+        tensors = {} if self.memory_bank is None else {"memory_bank": self.memory_bank}
+        return BranchState(tensors, {"object_name": self.object_name})
+
+    def load_state(self, state) -> None:
+        self.object_name = state.meta["object_name"]
+        self.memory_bank = state.tensors.get("memory_bank")
+
+    def weights_fingerprint(self) -> str:
+        return f"fake-{self.name}-{self.size}"
 
     def predict(self, images: list[Image.Image], *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         batch = batch_size or self.default_batch_size

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -7,6 +8,7 @@ from clipfusion.config import (
     CLIPFusionConfig,
     load_config,
     load_preset,
+    preset_path,
     save_config,
     with_overrides,
 )
@@ -86,3 +88,29 @@ def test_the_resolved_record_is_saved_and_ignored_when_read_back(tmp_path, suffi
     path = save_config(config, tmp_path / f"run{suffix}", resolved=record)
     assert "resolved" in path.read_text() and "CPU without AMX" in path.read_text()
     assert load_config(path) == config
+
+
+def test_placement_is_declared_once_and_inherited_unless_a_branch_overrides_it(tmp_path):
+    config = load_preset("tiny").replace(**{"dtype": "bfloat16", "clip.dtype": "float32"})
+    clip, diffusion = config.branch_configs()
+    assert (clip.dtype, diffusion.dtype) == ("float32", "bfloat16")
+    assert clip.output_size == diffusion.output_size == config.output_size == 64
+    assert clip.device == diffusion.device == "auto"
+    data = config.to_dict()
+    assert "dtype" not in data["diffusion"] and data["clip"]["dtype"] == "float32"  # unset: not written
+    for suffix in (".json", ".toml"):
+        assert load_config(save_config(config, tmp_path / f"c{suffix}")) == config
+    # back to inheriting: null in JSON (`--set clip.dtype=null`)
+    assert with_overrides(config, {"clip.dtype": None}).branch_configs()[0].dtype == "bfloat16"
+    # a preset file states the placement once
+    for name in PRESETS:
+        text = preset_path(name).read_text()
+        for option in ("dtype", "device", "output_size"):
+            assert len(re.findall(rf"^{option}\s*=", text, flags=re.MULTILINE)) == 1, (name, option)
+
+
+def test_random_weights_are_flagged_for_the_branches_in_use():
+    assert load_preset("tiny").random_weights and load_preset("random-full").random_weights
+    assert not load_preset("paper").random_weights
+    mixed = load_preset("paper").replace(**{"diffusion.weights": "random"})
+    assert mixed.random_weights and not mixed.replace(use_diffusion=False).random_weights

@@ -221,3 +221,79 @@ def test_bfloat16_maps_and_scores_follow_float32():
     assert np.corrcoef(fused_a.ravel(), fused_b.ravel())[0, 1] >= 0.99
     scores = np.array([[a.score, b.score] for a, b in zip(fp32, bf16, strict=True)])
     assert np.corrcoef(scores.T)[0, 1] >= 0.99
+
+
+def test_branches_are_known_by_the_protocol_alone():
+    from clipfusion.branches import Branch
+
+    det = CLIPFusion.from_preset("tiny")
+    assert [b.name for b in det.branches] == ["clip", "diffusion"]
+    assert all(isinstance(b, Branch) for b in (*det.branches, FakeBranch("clip")))
+    with pytest.raises(ConfigError, match="does not implement clipfusion.branches.Branch"):
+        CLIPFusion(load_preset("tiny"), clip=object(), diffusion=FakeBranch("diffusion"))
+
+
+def test_building_and_running_a_detector_leaves_the_environment_alone(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
+    det = CLIPFusion.from_preset("tiny", weights_dir=tmp_path)
+    det.fit("bottle", _images(1)).predict(_images(1))
+    assert dict(os.environ) == before
+
+
+def test_a_branch_section_overrides_the_placement_it_inherits():
+    det = CLIPFusion.from_preset("tiny", **{"diffusion.dtype": "bfloat16"})
+    assert det.config.dtype == "float32"
+    assert det.clip.dtype == torch.float32 and det.diffusion.dtype == torch.bfloat16
+    [result] = det.fit("bottle").predict(_images(1))
+    assert result.anomaly_map.dtype == np.float32
+
+
+def _as_tensor(images):
+    return torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 for img in images])
+
+
+def test_a_tensor_batch_gives_the_answer_of_the_same_pil_images():
+    # 32 px images: the fake branches' own size, so neither path resizes and the pixels are the same
+    refs, images = _images(2, seed=7, size=32), _images(5, seed=8, size=32)
+    det = fake_detector()
+    from_pil = det.fit("bottle", refs).predict(images)
+    det.clip.batches.clear()
+    from_tensor = det.fit("bottle", _as_tensor(refs)).predict(_as_tensor(images), batch_size=2)
+    assert det.references == ["<image 0>", "<image 1>"] and det.clip.shots == 2
+    assert det.clip.batches == [2, 2, 1]  # the batch size splits a tensor as it splits a list
+    assert len(from_tensor) == 5 and all(r.image_path is None for r in from_tensor)
+    for a, b in zip(from_pil, from_tensor, strict=True):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+    [single] = det.predict(_as_tensor(images[:1])[0])  # one (3, H, W) image
+    np.testing.assert_allclose(single.anomaly_map, from_pil[0].anomaly_map, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda t: (t * 255).to(torch.uint8), "expected a float"),
+        (lambda t: t[:, :1], "expected a float"),
+        (lambda t: t * 255, "pixel values span"),
+        (lambda t: (t - 0.45) / 0.22, "pixel values span"),  # mean/std-normalised: not [0, 1]
+        (lambda t: t.masked_fill(t > 0.9, float("nan")), "pixel values span"),
+        (lambda t: t[..., :16, :16], "too small"),
+    ],
+)
+def test_tensors_that_are_not_rgb_pixels_in_0_1_are_refused(make, message):
+    det = fake_detector().fit("bottle")
+    with pytest.raises(ClipfusionError, match=message):
+        det.predict(make(_as_tensor(_images(2, seed=9))))
+
+
+def test_a_bicubic_overshoot_just_outside_0_1_is_clipped_as_pil_clips():
+    images = _as_tensor(_images(2, seed=10, size=32))
+    det = fake_detector().fit("bottle")
+    overshoot = images.clone()
+    overshoot[0, 0, 0, 0], overshoot[1, 1, 2, 3] = 1.04, -0.03
+    clipped = overshoot.clamp(0, 1)
+    for a, b in zip(det.predict(overshoot), det.predict(clipped), strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)

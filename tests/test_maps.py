@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from clipfusion.maps import gaussian_smooth
+from clipfusion.maps import gaussian_smooth, resize_maps
 
 
 @pytest.mark.parametrize(("size", "sigma"), [(40, 2.0), (16, 4.0), (7, 4.0)])
@@ -23,8 +23,6 @@ def test_sigma_zero_is_identity():
 
 
 def test_reduced_precision_maps_are_resized_and_smoothed_in_float32():
-    from clipfusion.maps import resize_maps
-
     maps = torch.rand(2, 15, 15)
     low = maps.to(torch.bfloat16)
     resized = resize_maps(low, 64)
@@ -32,3 +30,14 @@ def test_reduced_precision_maps_are_resized_and_smoothed_in_float32():
     assert torch.equal(resized, resize_maps(low.float(), 64))  # the upcast comes first, not after
     smoothed = gaussian_smooth(low, sigma=2.0)
     assert smoothed.dtype == torch.float32 and torch.equal(smoothed, gaussian_smooth(low.float(), 2.0))
+
+
+def test_resize_to_height_and_width_is_bilinear_and_keeps_bounds():
+    maps = torch.rand(2, 3, 8, 8)
+    out = resize_maps(maps, (12, 20))
+    assert out.shape == (2, 3, 12, 20) and out.dtype == torch.float32
+    assert out.min() >= maps.min() and out.max() <= maps.max()
+    expected = torch.nn.functional.interpolate(maps, size=(12, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(resize_maps(maps, (8, 8)), maps)  # already at the size: unchanged
+    torch.testing.assert_close(resize_maps(maps, 16), resize_maps(maps, (16, 16)), rtol=0, atol=0)

@@ -11,6 +11,7 @@ another one.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,22 @@ class Thresholds:
             )
 
 
+def check_thresholds_for(thresholds: Thresholds, detector: CLIPFusion, where: str = "thresholds") -> None:
+    """Refuse thresholds made for another configuration, object or reference set: the scale of a score
+    belongs to all three."""
+    thresholds.check_config(detector.config.to_dict(), where)
+    if thresholds.object_name is not None and thresholds.object_name != detector.object_name:
+        raise ConfigError(
+            f"{where}: calibrated for the object {thresholds.object_name!r}, not {detector.object_name!r}; "
+            "calibrate again for this one"
+        )
+    if thresholds.config and tuple(thresholds.references) != _reference_names(detector.references):
+        raise ConfigError(
+            f"{where}: calibrated with other reference images ({len(thresholds.references)} given then, "
+            f"{len(detector.references)} now); calibrate again with these references"
+        )
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     keys = set(a) | set(b)
     out = []
@@ -129,22 +146,37 @@ def calibrate(
     The same thresholds ``clipfusion predict --calibrate`` sets; pass them to :meth:`Thresholds.save` to
     reuse them with ``predict --thresholds``.
     """
+    from clipfusion.progress import progress_bar
+
     if not 0.0 < quantile <= 1.0:
         raise ConfigError(f"quantile must lie in (0, 1], got {quantile}")
-    results = detector.predict(list(normal_images), batch_size=batch_size, progress=progress)
-    image, pixel = thresholds_from_results(
-        [r.score for r in results], [float(r.anomaly_map.max()) for r in results], quantile
-    )
+    normal_images = list(normal_images)
+    batch = batch_size or detector.default_batch_size
+    scores: list[float] = []
+    peaks: list[float] = []
+    bar = progress_bar(len(normal_images), "calibrate", enabled=progress)
+    for start in range(0, len(normal_images), batch):
+        for result in detector.predict(normal_images[start : start + batch], batch_size=batch):
+            scores.append(result.score)
+            peaks.append(float(result.anomaly_map.max()))
+        bar.update(min(batch, len(normal_images) - start))
+    bar.close()
+    image, pixel = thresholds_from_results(scores, peaks, quantile)
     return Thresholds(
         image=image,
         pixel=pixel,
         quantile=quantile,
-        n_images=len(results),
+        n_images=len(scores),
         files=tuple(_image_name(item, i) for i, item in enumerate(normal_images)),
         object_name=detector.object_name,
-        references=tuple(detector.references),
+        references=_reference_names(detector.references),
         config=detector.config.to_dict(),
     )
+
+
+def _reference_names(references: Sequence[str]) -> tuple[str, ...]:
+    # absolute paths, so that the same files given from another working directory still match
+    return tuple(r if r.startswith("<") else os.path.abspath(r) for r in references)
 
 
 def _image_name(item: object, index: int) -> str:
@@ -152,4 +184,4 @@ def _image_name(item: object, index: int) -> str:
     return str(item) if isinstance(item, str | Path) else f"<image {index}>"
 
 
-__all__ = ["DEFAULT_QUANTILE", "Thresholds", "calibrate", "thresholds_from_results"]
+__all__ = ["DEFAULT_QUANTILE", "Thresholds", "calibrate", "check_thresholds_for", "thresholds_from_results"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 from clipfusion.branches import Branch
+from clipfusion.calibration import Thresholds
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, fuse
@@ -22,6 +25,9 @@ from clipfusion.progress import progress_bar
 from clipfusion.runtime import dtype_name, free_device_memory, resolve_placement, return_freed_memory
 
 ImageLike = str | Path | Image.Image
+log = logging.getLogger(__name__)
+# what fit and predict take: paths or PIL images, or a float (N, 3, H, W) tensor batch in [0, 1]
+Images = Sequence[ImageLike] | ImageLike | torch.Tensor
 
 
 @dataclass
@@ -38,6 +44,35 @@ class AnomalyResult:
     def mask(self, threshold: float) -> np.ndarray:
         """Binary anomaly mask: pixels whose fused value exceeds ``threshold`` (same scale as the map)."""
         return self.anomaly_map > threshold
+
+
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    """A float ``(N, 3, H, W)`` batch in [0, 1] (one ``(3, H, W)`` image becomes a batch of one).
+
+    Values a hair outside [0, 1] (a bicubic resize's overshoot) are clipped, as PIL clips; values far
+    outside mean the tensor is not pixels in [0, 1] (mean/std-normalised, or 0..255), which would give
+    silently wrong maps, so they are refused.
+    """
+    from clipfusion.data.images import MIN_SIDE
+
+    batch = images.unsqueeze(0) if images.ndim == 3 else images
+    if batch.ndim != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
+        raise InputError(
+            f"<tensor {tuple(images.shape)} {images.dtype}>: expected a float (N, 3, H, W) tensor of RGB "
+            "pixels in [0, 1]"
+        )
+    if min(batch.shape[-2:]) < MIN_SIDE:
+        raise InputError(f"<tensor {tuple(images.shape)}>: image too small (at least {MIN_SIDE} px a side)")
+    if batch.numel():
+        low, high = (float(v) for v in torch.aminmax(batch.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -0.25 or high > 1.25:
+            raise InputError(
+                f"<tensor {tuple(images.shape)}>: pixel values span [{low:.3g}, {high:.3g}], expected [0, 1] "
+                "(clipfusion normalises images itself: pass unnormalised RGB in [0, 1])"
+            )
+        if low < 0 or high > 1:
+            batch = batch.clamp(0.0, 1.0)
+    return batch
 
 
 def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
@@ -60,6 +95,9 @@ class CLIPFusion:
     ``config.use_clip`` / ``config.use_diffusion`` switch a branch off entirely (ablations, or CLIP-only runs
     on small machines); a switched-off branch contributes zero maps. ``local_files_only`` keeps the hub out of
     loading (default: the hub library's own ``HF_HUB_OFFLINE`` setting; a weights folder never needs it).
+    ``text_encoders=False`` builds the branches without their text encoders (MapDiff never loads its;
+    PatchCLIP drops its text tower once loaded): for a detector whose prompt features come from a saved fit
+    (:meth:`load`), which can then not be fitted for new object names.
     """
 
     def __init__(
@@ -70,6 +108,7 @@ class CLIPFusion:
         *,
         weights_dir: str | Path | None = None,
         local_files_only: bool | None = None,
+        text_encoders: bool = True,
     ) -> None:
         self.config = config or load_preset("paper")
         self.weights_dir = Path(weights_dir).expanduser() if weights_dir is not None else None
@@ -85,11 +124,20 @@ class CLIPFusion:
             if clip is None and self.config.use_clip:
                 from clipfusion.branches.patchclip import PatchCLIP
 
-                clip = PatchCLIP.from_config(clip_config, local_files_only=local_files_only)
+                start = time.perf_counter()
+                clip = PatchCLIP.from_config(
+                    clip_config, local_files_only=local_files_only, text_encoder=text_encoders
+                )
+                log.debug("CLIP branch %s loaded in %.1f s", clip_config.model, time.perf_counter() - start)
             if diffusion is None and self.config.use_diffusion:
                 from clipfusion.branches.mapdiff import MapDiff
 
-                diffusion = MapDiff.from_config(diffusion_config, local_files_only=local_files_only)
+                start = time.perf_counter()
+                diffusion = MapDiff.from_config(
+                    diffusion_config, local_files_only=local_files_only, text_encoder=text_encoders
+                )
+                took = time.perf_counter() - start
+                log.debug("diffusion branch %s loaded in %.1f s", diffusion_config.architecture, took)
             # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
             return_freed_memory()
         self.clip: Branch | None = clip if self.config.use_clip else None
@@ -97,6 +145,10 @@ class CLIPFusion:
         self.branches: list[Branch] = [b for b in (self.clip, self.diffusion) if b is not None]
         self.object_name: str | None = None
         self.references: list[str] = []
+        #: sha256 of each reference file (None for an in-memory image), recorded by :meth:`save`
+        self.reference_sha256: list[str | None] = []
+        #: decision thresholds that travel with the fit (:meth:`save` writes them, :meth:`load` reads them)
+        self.thresholds: Thresholds | None = None
         self.timings: dict[str, float] = {}
 
     # -- construction -------------------------------------------------------------------------------------
@@ -132,6 +184,42 @@ class CLIPFusion:
                 record[branch.name] = {"device": str(device), "dtype": dtype_name(dtype)}
         return record
 
+    # -- a fitted detector on disk ------------------------------------------------------------------------
+    def save(self, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
+        """Save the fit to a folder (configuration, object name, text and prompt embeddings, memory banks,
+        reference names and sha256, ``thresholds`` or else :attr:`thresholds`, software versions, and a
+        fingerprint of the model weights; not the weights themselves). Layout: :mod:`clipfusion.fitted`."""
+        from clipfusion import fitted
+
+        return fitted.save(self, directory, thresholds)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        weights_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        *,
+        device: str | None = None,
+        clip: Branch | None = None,
+        diffusion: Branch | None = None,
+    ) -> CLIPFusion:
+        """A saved fit, ready to :meth:`predict` exactly as the saved detector did, with its
+        :attr:`thresholds`. The model weights come from ``weights_dir`` or the cache, as for the
+        constructor, and must be the ones the fit used (else a :class:`~clipfusion.errors.ConfigError`
+        naming what differs); the text encoders are not loaded. ``device`` overrides where it runs."""
+        from clipfusion import fitted
+
+        return fitted.load(
+            cls,
+            directory,
+            weights_dir=weights_dir,
+            local_files_only=local_files_only,
+            device=device,
+            clip=clip,
+            diffusion=diffusion,
+        )
+
     # -- fit / predict ------------------------------------------------------------------------------------
     @property
     def shots(self) -> int:
@@ -142,20 +230,30 @@ class CLIPFusion:
         """Images per forward pass when a call does not say: the smallest of the branches' own."""
         return min(b.default_batch_size for b in self.branches)
 
-    def fit(self, object_name: str, references: Iterable[ImageLike] | None = None) -> CLIPFusion:
+    def fit(
+        self, object_name: str, references: Iterable[ImageLike] | torch.Tensor | None = None
+    ) -> CLIPFusion:
         """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
-        images; empty or None → zero-shot)."""
+        images: paths, PIL images or a float ``(N, 3, H, W)`` tensor in [0, 1]; empty or None → zero-shot)."""
         from clipfusion.data import object_name as to_object_name
+        from clipfusion.models.weights import sha256_file
 
         name = to_object_name(object_name, self.config.object_names)
-        loaded = [_as_image(r) for r in (references or [])]
-        images = [img for img, _ in loaded]
+        if isinstance(references, torch.Tensor):
+            images: list[Image.Image] | torch.Tensor = _as_batch(references)
+            paths: list[str | None] = [None] * len(images)
+        else:
+            loaded = [_as_image(r) for r in (references or [])]
+            images, paths = [img for img, _ in loaded], [path for _, path in loaded]
         start = time.perf_counter()
         for branch in self.branches:
             branch.fit(name, images)
         self.timings["fit"] = time.perf_counter() - start
+        log.debug("fitted to %r with %d references in %.1f s", name, len(images), self.timings["fit"])
         self.object_name = name
-        self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
+        self.references = [path or f"<image {i}>" for i, path in enumerate(paths)]
+        self.reference_sha256 = [sha256_file(Path(path)) if path else None for path in paths]
+        self.thresholds = None  # thresholds belong to a fit
         return self
 
     def prepare(self, object_names: Iterable[str]) -> CLIPFusion:
@@ -177,9 +275,10 @@ class CLIPFusion:
         return self
 
     def predict(
-        self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
+        self, images: Images, batch_size: int | None = None, progress: bool = False
     ) -> list[AnomalyResult]:
-        """Score images (paths or PIL images), ``batch_size`` per forward pass (default: the branches' own).
+        """Score images (paths, PIL images, or a float ``(N, 3, H, W)`` tensor of RGB pixels in [0, 1], e.g.
+        a batch from a data loader), ``batch_size`` per forward pass (default: the branches' own).
 
         Out of memory on a batch, the batch is halved and retried (down to one image), so a batch size
         that is too large for the device costs time, not the run; at one image it is a clear error.
@@ -188,6 +287,8 @@ class CLIPFusion:
             raise RuntimeError("call fit(object_name, references) before predict")
         if isinstance(images, str | Path | Image.Image):
             images = [images]
+        elif isinstance(images, torch.Tensor):
+            images = _as_batch(images)
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = batch_size or self.default_batch_size
@@ -196,9 +297,14 @@ class CLIPFusion:
         config_dict = self.config.to_dict()
         start = 0
         while start < len(images):
-            chunk = [_as_image(item) for item in images[start : start + batch_size]]
+            if isinstance(images, torch.Tensor):
+                pixels: list[Image.Image] | torch.Tensor = images[start : start + batch_size]
+                chunk = [(None, None)] * len(pixels)
+            else:
+                chunk = [_as_image(item) for item in images[start : start + batch_size]]
+                pixels = [img for img, _ in chunk]
             try:
-                outputs = self.predict_tensors([img for img, _ in chunk], batch_size=batch_size)
+                outputs = self.predict_tensors(pixels, batch_size=batch_size)
             except torch.OutOfMemoryError as exc:
                 free_device_memory()
                 if batch_size == 1:
@@ -225,10 +331,11 @@ class CLIPFusion:
         return results
 
     def predict_tensors(
-        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+        self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """One list of images through both branches (``batch_size`` per forward pass) and the fusion;
-        float32 CPU tensors: ``score``, ``anomaly_map``, the four smoothed maps and ``s_clip_L``."""
+        """One list of PIL images (or a float ``(N, 3, H, W)`` batch in [0, 1]) through both branches
+        (``batch_size`` per forward pass) and the fusion; float32 CPU tensors: ``score``, ``anomaly_map``,
+        the four smoothed maps and ``s_clip_L``."""
         cfg = self.config
         outputs: dict[str, torch.Tensor] = {}
         for branch in self.branches:
@@ -256,4 +363,4 @@ class CLIPFusion:
         return result
 
 
-__all__ = ["AnomalyResult", "CLIPFusion"]
+__all__ = ["AnomalyResult", "CLIPFusion", "ImageLike", "Images"]

@@ -11,19 +11,21 @@ import torch
 import torch.nn.functional as F
 
 
-def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``) of ``(..., h, w)`` maps to ``(..., size, size)``, float32.
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) of ``(..., h, w)`` maps to ``(..., size, size)`` (or to
+    ``(..., height, width)`` for ``size = (height, width)``), float32.
 
     Any leading shape is kept (``(N, h, w)`` or ``(N, C, h, w)``); a map already at the size comes back
     unchanged (as float32). Bilinear interpolation is a convex combination, so the maps' bounds are kept.
     """
+    shape = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     maps = maps.float()
-    if maps.shape[-2:] == (size, size):
+    if maps.shape[-2:] == shape:
         return maps
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:])
-    out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
-    return out.reshape(*lead, size, size)
+    out = F.interpolate(flat, size=shape, mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *shape)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:

@@ -199,6 +199,31 @@ def test_normalisers_bound_and_order_the_maps(tiny: MapDiff) -> None:
     assert all(float(m.max()) <= 1.0 for m in maps.values())
 
 
+def test_euclidean_distance_changes_diff_v_only(tiny: MapDiff) -> None:
+    from clipfusion.branches.memory import nearest_neighbour_distance
+
+    refs, queries = images(1, seed=7), images(2, seed=8)
+    cosine = variant(tiny, distance="cosine").fit("tile", refs)
+    euclid = variant(tiny, distance="euclidean").fit("tile", refs)
+    a, b = cosine.predict(queries), euclid.predict(queries)
+    torch.testing.assert_close(a["diff_L"], b["diff_L"])
+    assert not torch.allclose(a["diff_V"], b["diff_V"])
+    # diff_V is the euclidean distance of the block features to the bank, resized to the output size
+    block = euclid.config.feature_blocks[0]
+    pixels = euclid.preprocess(queries)
+    capture = euclid.run_unet(
+        euclid.unet_input(euclid.encode_latents(pixels)), euclid.prompt_embeddings("tile", "damage")
+    )
+    raw = nearest_neighbour_distance(
+        capture.features[block].permute(0, 2, 3, 1),
+        euclid.memory_bank[("damage", 0)][block],
+        distance="euclidean",
+    )
+    from clipfusion.maps import resize_maps
+
+    torch.testing.assert_close(b["diff_V"], resize_maps(raw, euclid.config.output_size), atol=1e-5, rtol=1e-5)
+
+
 def test_deterministic_and_independent_of_batch_size(tiny: MapDiff) -> None:
     refs, queries = images(2, seed=3), images(3, seed=4)
     one = variant(tiny, batch_size=1).fit("cable", refs).predict(queries)

@@ -223,3 +223,68 @@ def test_very_large_images_are_reduced_not_refused(tmp_path, capsys):
     )
     with Image.open(out / "overlays" / "big.png") as overlay:
         assert overlay.size == (4096, 98)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--out", "{file}"], "--out names an existing file"),
+        (["--out", "{file}/sub"], "is a file"),
+        (["--refs", "{tmp}/no-refs"], "no-refs: no such file or folder"),
+        (["--calibrate", "{tmp}/no-calib"], "no-calib: --calibrate folder not found"),
+        (["--calibrate", "{file}"], "--calibrate must name a folder"),
+        (["--config", "{tmp}/no.toml"], "no.toml: --config file not found"),
+        (["--thresholds", "{tmp}/no.json"], "no.json: --thresholds file not found"),
+        (["--log", "{file}/run.log"], "is a file"),
+    ],
+)
+def test_every_path_option_is_checked_before_work(argv, expected, tmp_path, capsys):
+    good = _png(tmp_path / "q.png")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    argv = [a.format(file=afile, tmp=tmp_path) for a in argv]
+    preset = [] if "--config" in argv else ["--preset", "tiny"]
+    code = main(["predict", str(good), "--object", "part", *preset, *argv, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["config", "--save", "{file}/cfg.toml"], "is a file"),
+        (["config", "--save", "{tmp}"], "--save names a folder"),
+        (["evaluate", "--dataset", "folder", "--root", "{tmp}/none"], "--root folder not found"),
+        (["evaluate", "--dataset", "folder", "--root", "{file}"], "--root must name a folder"),
+        (
+            ["evaluate", "--dataset", "folder", "--root", "{tmp}", "--out", "{file}"],
+            "--out names an existing",
+        ),
+    ],
+)
+def test_path_options_of_other_commands_are_checked_too(argv, expected, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    argv = [a.format(file=afile, tmp=tmp_path) for a in argv]
+    code = main([*argv, "--preset", "tiny", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_root_that_is_not_the_claimed_layout_is_said_once(tmp_path, capsys):
+    root = tmp_path / "textiles"
+    for name in ("a.png", "b.png"):
+        _png(root / name)
+    (root / "notes").mkdir()
+    for dataset in ("mvtec", "visa"):
+        code = main(
+            ["evaluate", "--dataset", dataset, "--root", str(root), "--preset", "tiny", "--no-progress"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1, err  # not per category
+        assert f"not {'an MVTec AD' if dataset == 'mvtec' else 'a VisA'} root" in err
+        assert "found: a.png, b.png, notes/" in err

@@ -55,8 +55,9 @@ def test_evaluate_writes_results_and_localises_obvious_defects(small_root, tmp_p
         ("bottle_cap", "2"),
     }
     for row in rows:
-        values = [float(row[c]) for c in row if c not in ("category", "shots", "seed")]
+        values = [float(row[c]) for c in row if c not in ("category", "shots", "seed", "weights")]
         assert all(0.0 <= v <= 1.0 for v in values)
+        assert row["weights"] == "random"  # the tiny preset: metrics of the pipeline, not of the method
     # plumbing check with random weights: the memory-bank maps find obvious synthetic defects
     few = [float(r["pixel_auroc"]) for r in rows if r["shots"] == "2"]
     assert min(few) >= 0.9, few

@@ -79,4 +79,32 @@ def test_cli_verify_and_where(tmp_path, hub, capsys):
     assert "unet/config.json" in capsys.readouterr().err
     assert main(["weights", "where", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "clip: clipfusion-tiny with random weights" in out
+    assert "clip: clipfusion-tiny, random weights (seed 0): no file needed" in out
+
+
+def test_where_says_for_each_required_file_whether_it_is_there(tmp_path, hub, capsys):
+    dest = tmp_path / "w"
+    weights.fetch(dest, _sources(), hub=DirectoryHub(hub), log=lambda _m: None)
+    argv = ["weights", "where", "--weights-dir", str(dest)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "clip: open_clip_model.safetensors: present",
+        "diffusion: unet/diffusion_pytorch_model.safetensors: present",
+        "diffusion: tokenizer/merges.txt: present",
+        "verified: every file matches the manifest",
+    ):
+        assert name in out, name
+    (dest / "sd2-inpainting/vae/diffusion_pytorch_model.safetensors").unlink()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "diffusion: vae/diffusion_pytorch_model.safetensors: MISSING" in captured.out
+    assert "problem(s) with the weights" in captured.err
+    # --quiet, for scripts: nothing on stdout, one line per problem, the same exit status
+    assert main([*argv, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "vae/diffusion_pytorch_model.safetensors is missing" in captured.err
+    # nothing at all where the default preset looks (the hub cache of this machine is empty)
+    assert main(["weights", "where", "-q"]) == 2
+    assert "clip: open_clip_model.safetensors is missing" in capsys.readouterr().err

@@ -9,13 +9,27 @@ cross-attention capture of the diffusion branch. Branches take images and return
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     Images = Sequence[Image.Image] | torch.Tensor
+
+
+@dataclass
+class BranchState:
+    """What a fitted branch learnt, apart from its model weights: what ``CLIPFusion.save`` writes.
+
+    ``tensors`` go to a safetensors file (CPU tensors, in the dtype they were computed in, so a reloaded
+    branch predicts bit for bit what the saved one did); ``meta`` is plain JSON (object name, shots, how
+    tensor names map to prompts and blocks).
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -56,6 +70,19 @@ class Branch(Protocol):
         """Free the text encoder once every object name that will be used is prepared or fitted."""
         ...
 
+    def state(self) -> BranchState:
+        """The fitted state (text side of the fitted object, memory bank), without model weights."""
+        ...
+
+    def load_state(self, state: BranchState) -> None:
+        """Become fitted from a :meth:`state` of a branch with the same weights; no text encoder needed."""
+        ...
+
+    def weights_fingerprint(self) -> str:
+        """A short hash of the weights that :meth:`predict` uses (not the text encoder), so a saved state is
+        only ever loaded into the model it was computed with."""
+        ...
+
 
 def resolve_batch_size(batch_size: int | None, default: int) -> int:
     """A ``predict`` call's batch size: the one asked for, else the branch's default; refuses nonsense."""
@@ -68,4 +95,4 @@ def resolve_batch_size(batch_size: int | None, default: int) -> int:
     return batch_size
 
 
-__all__ = ["Branch", "resolve_batch_size"]
+__all__ = ["Branch", "BranchState", "resolve_batch_size"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipfusion.branches import resolve_batch_size
+from clipfusion.branches import BranchState, resolve_batch_size
 from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import MapDiffConfig, load_preset, with_overrides
@@ -214,15 +214,20 @@ class MapDiff:
         *,
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
+        text_encoder: bool = True,
     ) -> MapDiff:
         """Load the components the configuration names (pretrained or random) and wrap them.
 
         ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
+        ``text_encoder=False`` does not load the text encoder at all: for a branch that gets its prompt
+        embeddings from :meth:`load_state`.
         """
         from clipfusion.models.diffusion import load_diffusion_components
 
         config = config.placed()
-        components = load_diffusion_components(config, cache_dir=cache_dir, local_files_only=local_files_only)
+        components = load_diffusion_components(
+            config, cache_dir=cache_dir, local_files_only=local_files_only, text_encoder=text_encoder
+        )
         vae = components.vae
         # the branch only encodes: the decoder (a third of the VAE) is dead weight here
         vae.decoder = None
@@ -392,6 +397,99 @@ class MapDiff:
     def release_text_encoder(self) -> None:
         """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) once every object's prompts are cached."""
         self.text_encoder = None
+
+    # -- saving and loading the fitted state ----------------------------------------------------------------
+    def state(self) -> BranchState:
+        """The fitted object's prompts (token ids and text-encoder output per state word) and, few-shot, the
+        memory bank, as CPU tensors in the dtype they were computed in. Tensor names are positional
+        (``prompt_embeddings.0``, ``memory_bank.3``); ``meta`` says which state word, draw and block each is.
+        """
+        if self.object_name is None:
+            raise ClipfusionError("MapDiff.state: the branch is not fitted")
+        tensors: dict[str, torch.Tensor] = {}
+        prompts = []
+        for i, state in enumerate(self.config.state_words):
+            prompt = self.prompts[state]
+            tensors[f"prompt_ids.{i}"] = prompt.input_ids.cpu()
+            tensors[f"prompt_embeddings.{i}"] = self.prompt_embeddings(self.object_name, state).cpu()
+            prompts.append(
+                {
+                    "state": state,
+                    "text": prompt.text,
+                    "state_positions": list(prompt.state_positions),
+                    "end_position": prompt.end_position,
+                }
+            )
+        bank = []
+        for (state, draw), blocks in (self.memory_bank or {}).items():
+            for block, features in blocks.items():
+                key = f"memory_bank.{len(bank)}"
+                tensors[key] = features.cpu()
+                bank.append({"state": state, "draw": draw, "block": block, "tensor": key})
+        meta = {"object_name": self.object_name, "shots": self._n_references, "prompts": prompts}
+        if self.memory_bank is not None:
+            meta["memory_bank"] = bank
+        return BranchState(tensors, meta)
+
+    def load_state(self, state: BranchState) -> None:
+        """Become fitted from :meth:`state` (of a branch with the same weights), with no text encoder."""
+        meta = state.meta
+        object_name = meta.get("object_name")
+        if not isinstance(object_name, str) or not object_name:
+            raise InputError("diffusion state: no object name")
+        try:
+            saved = {entry["state"]: (i, entry) for i, entry in enumerate(meta["prompts"])}
+            missing = [w for w in self.config.state_words if w not in saved]
+            if missing:
+                raise InputError(f"diffusion state: no prompt for the state word(s) {', '.join(missing)}")
+            prompts, embeddings = {}, {}
+            for state_word in self.config.state_words:
+                i, entry = saved[state_word]
+                prompts[state_word] = PromptTokens(
+                    str(entry["text"]),
+                    state_word,
+                    _state_tensor(state, f"prompt_ids.{i}").long(),
+                    tuple(int(p) for p in entry["state_positions"]),
+                    int(entry["end_position"]),
+                )
+                embeddings[(object_name, state_word)] = _state_tensor(state, f"prompt_embeddings.{i}").to(
+                    device=self.device, dtype=self.dtype
+                )
+            bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
+            if "memory_bank" in meta:
+                bank = {}
+                for entry in meta["memory_bank"]:
+                    features = _state_tensor(state, str(entry["tensor"])).to(self.device)
+                    bank.setdefault((str(entry["state"]), int(entry["draw"])), {})[str(entry["block"])] = (
+                        features
+                    )
+                needed = {(w, d) for w in self.config.state_words for d in range(self.config.n_noise)}
+                if set(bank) != needed or any(
+                    set(blocks) != set(self.config.feature_blocks) for blocks in bank.values()
+                ):
+                    raise InputError(
+                        "diffusion state: the memory bank does not cover every state word, noise draw and "
+                        "feature block of the configuration"
+                    )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"diffusion state: malformed ({type(exc).__name__}: {exc})") from exc
+        self._embeddings.update(embeddings)
+        self.prompts = prompts
+        self.memory_bank = bank
+        self._n_references = int(meta.get("shots", 0)) if bank is not None else 0
+        self.object_name = object_name
+
+    def weights_fingerprint(self) -> str:
+        """Fingerprint of what :meth:`predict` computes with: the VAE encoder, the UNet and the noise
+        schedule (not the text encoder, nor the VAE decoder the branch never runs)."""
+        from clipfusion.models.weights import weights_fingerprint
+
+        parts: dict[str, Any] = {"vae.encoder": self.vae.encoder, "unet": self.unet}
+        if getattr(self.vae, "quant_conv", None) is not None:
+            parts["vae.quant_conv"] = self.vae.quant_conv
+        parts["scheduler.alphas_cumprod"] = torch.as_tensor(self.scheduler.alphas_cumprod)
+        parts["vae.scaling_factor"] = torch.tensor([float(self.vae.config.scaling_factor)])
+        return weights_fingerprint(parts)
 
     # -- pipeline steps -----------------------------------------------------------------------------------
     def preprocess(self, images: Images) -> torch.Tensor:
@@ -655,6 +753,13 @@ class MapDiff:
             if visual is not None:
                 outputs["diff_V"].append(resize_maps(visual / n_passes, self.config.output_size))
         return {name: torch.cat(maps).float().cpu() for name, maps in outputs.items() if maps}
+
+
+def _state_tensor(state: BranchState, key: str) -> torch.Tensor:
+    tensor = state.tensors.get(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"diffusion state: no {key!r} tensor")
+    return tensor
 
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 One forward pass of the OpenCLIP image tower per image gives the global embedding (image score
 ``s_clip_L``), the final-layer patch tokens after ``ln_post`` (memory bank, as WinCLIP+) and the same tokens
-through the projection (compared with the text features). The branch takes PIL images and returns tensors;
-loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons can hand it any open_clip model.
+through the projection (compared with the text features). The branch takes PIL images or a batch of ``[0, 1]``
+float tensors and returns tensors; loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons
+can hand it any open_clip model.
 
 ``patch_mode`` chooses the unit a map is computed on:
 
@@ -30,13 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clipfusion.branches import resolve_batch_size
+from clipfusion.branches import BranchState, resolve_batch_size
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import PatchCLIPConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.maps import resize_maps
 from clipfusion.prompts import clip_prompt_ensemble
 from clipfusion.runtime import resolve_device, resolve_dtype
+
+Images = Sequence[Image.Image] | torch.Tensor
 
 
 class ImageFeatures(NamedTuple):
@@ -113,10 +116,13 @@ class PatchCLIP:
         *,
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
+        text_encoder: bool = True,
     ) -> PatchCLIP:
         """Load the model the configuration names (tag, local checkpoint or random) and wrap it.
 
         ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
+        ``text_encoder=False`` drops the text tower as soon as the weights are loaded (open_clip builds both
+        towers together): for a branch that gets its text features from :meth:`load_state`.
         """
         from clipfusion.models.clip import load_open_clip
 
@@ -131,7 +137,10 @@ class PatchCLIP:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
-        return cls(model, tokenizer, config)
+        branch = cls(model, tokenizer, config)
+        if not text_encoder:
+            branch.release_text_encoder()
+        return branch
 
     @classmethod
     def from_preset(cls, name: str = "paper", *, cache_dir: str | None = None, **options: Any) -> PatchCLIP:
@@ -152,17 +161,17 @@ class PatchCLIP:
     # -----------------------------------------------------------------------------------------------------
     # the estimator interface
 
-    def fit(self, object_name: str, references: Sequence[Image.Image] | None = None) -> PatchCLIP:
+    def fit(self, object_name: str, references: Images | None = None) -> PatchCLIP:
         """Prepare for one object: its text features and, given references, the memory bank (few-shot).
 
         No references means zero-shot: ``predict`` then returns no ``clip_V``.
         """
-        references = _checked_images(references or [], "reference")
+        references = _checked_images([] if references is None else references, "reference")
         self.text_features(object_name)
         self.object_name = object_name
         self.memory_bank = None
         self._shots = len(references)
-        if references:
+        if len(references):
             with torch.inference_mode():
                 units = [
                     self.features(references[i : i + self.config.batch_size]).visual
@@ -172,10 +181,9 @@ class PatchCLIP:
             self.memory_bank = bank.reshape(-1, bank.shape[-1])
         return self
 
-    def predict(
-        self, images: Sequence[Image.Image], *, batch_size: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Maps and scores of a list of images, as float32 CPU tensors, ``batch_size`` images per pass.
+    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Maps and scores of a list of images (or an ``(N, 3, H, W)`` tensor in [0, 1]), as float32 CPU
+        tensors, ``batch_size`` images per pass.
 
         ``clip_L`` ``(N, S, S)``: probability of the anomalous prompts per unit, upsampled (bilinear) to
         ``S = output_size``; ``s_clip_L`` ``(N,)``: the same probability for the global image embedding;
@@ -253,14 +261,62 @@ class PatchCLIP:
                 setattr(self.model, name, None)
 
     # -----------------------------------------------------------------------------------------------------
+    # saving and loading the fitted state (the model weights stay where they came from)
+
+    def state(self) -> BranchState:
+        """The fitted object's text features (``text_features``, float32 ``(2, D)``) and, few-shot, the
+        memory bank (``memory_bank``, ``(M, W)`` in the model's dtype), as CPU tensors."""
+        if self.object_name is None:
+            raise ClipfusionError("PatchCLIP.state: the branch is not fitted")
+        tensors = {"text_features": self.text_features(self.object_name).cpu()}
+        if self.memory_bank is not None:
+            tensors["memory_bank"] = self.memory_bank.cpu()
+        return BranchState(tensors, {"object_name": self.object_name, "shots": self._shots})
+
+    def load_state(self, state: BranchState) -> None:
+        """Become fitted from :meth:`state` (of a branch with the same weights), text tower or not."""
+        object_name = state.meta.get("object_name")
+        if not isinstance(object_name, str) or not object_name:
+            raise InputError("clip state: no object name")
+        text = _state_tensor(state, "text_features", "clip")
+        width = int(self._visual.proj.shape[1])
+        if text.ndim != 2 or tuple(text.shape) != (2, width):
+            raise InputError(f"clip state: text_features of shape {tuple(text.shape)}, expected (2, {width})")
+        bank = state.tensors.get("memory_bank")
+        if bank is not None and (bank.ndim != 2 or bank.shape[0] == 0):
+            raise InputError(f"clip state: memory_bank of shape {tuple(bank.shape)}, expected (M, W)")
+        self._text_cache[object_name] = text.to(device=self.device, dtype=torch.float32)
+        self.memory_bank = None if bank is None else bank.to(self.device)
+        self.object_name = object_name
+        self._shots = int(state.meta.get("shots", 0)) if bank is not None else 0
+
+    def weights_fingerprint(self) -> str:
+        """Fingerprint of the image tower, the only weights :meth:`predict` uses."""
+        from clipfusion.models.weights import weights_fingerprint
+
+        return weights_fingerprint({"visual": self._visual})
+
+    # -----------------------------------------------------------------------------------------------------
     # stages, public so that a speed harness can time them one by one
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, 3, H, W)`` float32 CPU pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """``(N, 3, H, W)`` float32 pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
 
         Non-square images are stretched rather than centre-cropped, so that the map covers the whole image.
+        PIL images are resized by PIL and come back on the CPU. A float tensor ``(N, 3, H, W)`` in [0, 1]
+        stays on its device and gets PIL's computation in float: the antialiased bicubic filter
+        (``a = -0.5``), width first, then height, clipped to [0, 1] after each pass as PIL clips. Only PIL's
+        rounding to 8 bits after each pass is missing, so the pixels agree with the PIL path to about 1/255.
         """
         size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            pixels = images.float()
+            for shape in ((pixels.shape[-2], size), (size, size)):
+                if pixels.shape[-2:] != shape:
+                    pixels = F.interpolate(
+                        pixels, size=shape, mode="bicubic", align_corners=False, antialias=True
+                    ).clamp(0.0, 1.0)
+            return (pixels - self._mean.to(pixels.device)) / self._std.to(pixels.device)
         arrays = [
             np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
             for image in images
@@ -270,9 +326,21 @@ class PatchCLIP:
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
         return (pixels - self._mean) / self._std
 
-    def preprocess_crops(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def preprocess_crops(self, images: Images) -> torch.Tensor:
         """``(N · n², 3, H, W)``: each image's ``n × n`` tiles (row-major), each pre-processed as an image."""
         n = self.config.crop_grid
+        if isinstance(images, torch.Tensor):
+            height, width = images.shape[-2:]
+            xs = [round(k * width / n) for k in range(n + 1)]
+            ys = [round(k * height / n) for k in range(n + 1)]
+            per_tile = [
+                self.preprocess(
+                    images[..., ys[i] : max(ys[i + 1], ys[i] + 1), xs[j] : max(xs[j + 1], xs[j] + 1)]
+                )
+                for i in range(n)
+                for j in range(n)
+            ]
+            return torch.stack(per_tile, dim=1).flatten(0, 1)  # image by image, tiles row-major
         tiles = []
         for image in images:
             width, height = image.size
@@ -318,7 +386,7 @@ class PatchCLIP:
         pooled, _ = visual._global_pool(x)
         return (pooled @ visual.proj).reshape(batch, n_windows, -1)
 
-    def features(self, images: Sequence[Image.Image]) -> PatchFeatures:
+    def features(self, images: Images) -> PatchFeatures:
         """The units of the configured ``patch_mode`` for a batch of images."""
         mode = self.config.patch_mode
         encoded = self.encode(self.preprocess(images), keep_embedded=mode == "windows")
@@ -439,7 +507,23 @@ def _checked_visual(model: nn.Module) -> nn.Module:
     return visual
 
 
-def _checked_images(images: Sequence[Image.Image], what: str) -> list[Image.Image]:
+def _state_tensor(state: BranchState, key: str, branch: str) -> torch.Tensor:
+    tensor = state.tensors.get(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{branch} state: no {key!r} tensor")
+    return tensor
+
+
+def _checked_images(images: Images, what: str) -> list[Image.Image] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise InputError(
+                f"expected {what}s as a float (N, 3, H, W) tensor in [0, 1], got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if min(images.shape[-2:], default=0) < 1:
+            raise InputError(f"{what}s: empty images of size {tuple(images.shape[-2:])}")
+        return images
     if isinstance(images, Image.Image):
         raise InputError(f"expected a list of {what}s, got a single PIL image")
     checked = list(images)

@@ -1,5 +1,5 @@
-"""The ``clipfusion`` command: one module per subcommand (``predict.py``, ``evaluate.py``, ``demo.py``,
-``weights.py``, ``config.py``, ``bench.py``), options they share in ``options.py``.
+"""The ``clipfusion`` command: one module per subcommand (``predict.py``, ``fit.py``, ``evaluate.py``,
+``demo.py``, ``weights.py``, ``config.py``, ``bench.py``), options they share in ``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
 status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
@@ -14,12 +14,21 @@ import traceback
 from collections.abc import Sequence
 
 from clipfusion import __version__
-from clipfusion.cli import bench, config, demo, evaluate, predict, weights
-from clipfusion.cli.options import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, err
-from clipfusion.errors import ClipfusionError
+from clipfusion.cli import bench, config, demo, evaluate, fit, predict, weights
+from clipfusion.cli.options import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    WEIGHTS_HINT,
+    add_common_options,
+    configure_logging,
+    err,
+)
+from clipfusion.errors import ClipfusionError, WeightsUnavailableError
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
-COMMANDS = (evaluate, predict, demo, weights, config, bench)
+COMMANDS = (evaluate, predict, fit, demo, weights, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
+    for leaf in _leaf_parsers(parser):
+        add_common_options(leaf)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (``predict``, ``weights fetch`` …), not the groups above them."""
+    leaves = []
+    for action in parser._actions:  # argparse has no public listing of its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                leaves += _leaf_parsers(child) or [child]
+    return leaves
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        configure_logging(args)
         return int(args.func(args) or EXIT_OK)
+    except WeightsUnavailableError as exc:
+        if args.debug:
+            traceback.print_exc()
+        err(str(exc))
+        err(WEIGHTS_HINT)
+        return EXIT_USAGE
     except ClipfusionError as exc:
         if args.debug:
             traceback.print_exc()
@@ -54,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except MemoryError:
         err("out of memory; try a smaller --batch-size or --dtype bfloat16")
+        return EXIT_ERROR
+    except OSError as exc:  # disk full, permissions changed mid-run …: one line naming the file
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        err(f"{where}{exc.strerror or exc}")
         return EXIT_ERROR
 
 

@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.config import RESOLVED_KEY, save_config
+    from clipfusion.outputs.folders import check_output_file
 
+    if args.save:
+        check_output_file(args.save, "--save")
     config = build_config(args)
     resolved = resolved_here(config)
     if args.save:

@@ -10,34 +10,28 @@ quality.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from clipfusion.cli.options import add_weights_option, weights_dir
+from clipfusion.cli.options import add_weights_option, say, show_progress, warn, weights_dir
 from clipfusion.config import load_preset
 from clipfusion.errors import WeightsUnavailableError
 
 DEMO_CATEGORIES = ("woven_fabric", "bottle_cap")
 
 
-def _say(text: str = "") -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _loud(text: str) -> None:
     bar = "!" * 100
-    _say(bar)
+    warn(bar)
     for line in text.splitlines():
-        _say(f"!! {line}")
-    _say(bar)
+        warn(f"!! {line}")
+    warn(bar)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data, zero- and few-shot, HTML report — in minutes")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     add_weights_option(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -55,17 +49,18 @@ def load_detector(weights: Path | None):
 def run(args: argparse.Namespace) -> int:
     from clipfusion.data import SYNTHETIC_CATEGORIES, FolderDataset, make_synthetic_dataset, sample_references
     from clipfusion.evaluation import evaluate
+    from clipfusion.outputs.folders import OutputFolder
     from clipfusion.outputs.predictions import write_predictions
 
     out: Path = args.out
-    progress = not args.no_progress
+    progress = show_progress(args)
     started = time.perf_counter()
     categories = [c for c in DEMO_CATEGORIES if c in SYNTHETIC_CATEGORIES] or list(SYNTHETIC_CATEGORIES[:2])
     data = out / "data"
-    _say(f"1/4 writing a synthetic data set ({', '.join(categories)}) to {data}")
+    say(f"1/4 writing a synthetic data set ({', '.join(categories)}) to {data}")
     make_synthetic_dataset(data, categories=categories, n_train=4, n_test=10, image_size=128, seed=0)
 
-    _say("2/4 loading models")
+    say("2/4 loading models")
     detector, why = load_detector(weights_dir(args))
     banner = ""
     if why is not None:
@@ -80,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = detector.config
 
-    _say("3/4 evaluating zero-shot and 2-shot on the synthetic categories")
+    say("3/4 evaluating zero-shot and 2-shot on the synthetic categories")
     evaluate(
         "folder",
         data,
@@ -91,19 +86,19 @@ def run(args: argparse.Namespace) -> int:
         seeds=(0,),
         progress=progress,
         detector_factory=lambda _cfg: detector,
-        log=_say,
+        log=say,
         note=f"**{banner}**" if banner else "",
     )
 
     category = categories[-1]
-    _say(f"4/4 writing the HTML report for {category!r} (2-shot)")
+    say(f"4/4 writing the HTML report for {category!r} (2-shot)")
     train, test = FolderDataset(data / category, "train"), FolderDataset(data / category, "test")
     refs = sample_references(list(train), 2, seed=0)
     detector.fit(category, [r.image_path for r in refs])
     write_predictions(
         detector,
         [s.image_path for s in test],
-        out / "report",
+        OutputFolder(out / "report", overwrite=True),  # a demo run replaces the previous demo
         progress=progress,
         title=f"clipfusion demo: {category} (2-shot)",
         banner=banner,
@@ -112,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = (out / "evaluation" / "summary.md").read_text(encoding="utf-8")
     print(summary)
-    _say(f"done in {time.perf_counter() - started:.0f} s")
-    _say(f"  summary table: {out / 'evaluation' / 'summary.md'}")
-    _say(f"  HTML report:   {out / 'report' / 'report.html'}")
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    say(f"  summary table: {out / 'evaluation' / 'summary.md'}")
+    say(f"  HTML report:   {out / 'report' / 'report.html'}")
     if banner:
         _loud(banner)
     return 0

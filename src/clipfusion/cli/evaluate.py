@@ -11,9 +11,12 @@ from clipfusion.cli.options import (
     build_config,
     random_weights_banner,
     say,
+    show_progress,
+    warn,
     weights_dir,
 )
 from clipfusion.data.datasets import DATASET_KINDS
+from clipfusion.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,19 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out, listing them")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.evaluation import evaluate
+    from clipfusion.outputs.folders import check_creatable, check_input_folder
 
     config = build_config(args)
+    check_input_folder(args.root, "--root")
+    out = args.out or Path("runs") / f"{args.dataset}-{config.preset}"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out names an existing file; give a folder")
+    check_creatable(out, "--out")
     note = random_weights_banner(config)
     if note:
-        say(note)
-    out = args.out or Path("runs") / f"{args.dataset}-{config.preset}"
+        warn(note)
     evaluate(
         args.dataset,
         args.root,
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         resume=args.resume,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=show_progress(args),
         log=say,
         note=f"**{note}**" if note else "",
         skip_bad=args.skip_bad,

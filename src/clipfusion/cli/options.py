@@ -1,4 +1,6 @@
-"""What the commands share: the model options, the weights folder, the random-weights banner, error lines.
+"""What the commands share: the model options, the weights folder, the random-weights banner, status and
+error lines (through :mod:`logging`), and the options every command takes (``-q``, ``-v``, ``--log``,
+``--no-progress``).
 
 This is the only place that reads ``CLIPFUSION_WEIGHTS``: the library takes the weights folder as an explicit
 ``weights_dir`` and never looks at (or writes) the environment.
@@ -7,6 +9,7 @@ This is the only place that reads ``CLIPFUSION_WEIGHTS``: the library takes the 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,15 +32,104 @@ RANDOM_WEIGHTS_BANNER = (
 )
 
 
+log = logging.getLogger("clipfusion")
+
+
 def err(message: str) -> None:
-    """Print a user-facing error, one ``clipfusion: error:`` line per line of the message."""
+    """A user-facing error, one ``clipfusion: error:`` line per line of the message (and in ``--log``)."""
     for line in str(message).splitlines() or [""]:
-        print(f"clipfusion: error: {line}", file=sys.stderr)
+        log.error(line)
 
 
 def say(message: str) -> None:
-    """A status line on stderr (stdout is kept for results)."""
-    print(message, file=sys.stderr, flush=True)
+    """A status line on stderr (stdout is kept for results); hidden by ``--quiet``."""
+    log.info(message)
+
+
+def warn(message: str) -> None:
+    """A warning line: shown even with ``--quiet``."""
+    log.warning(message)
+
+
+# -- the options every command takes --
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``-q``, ``-v``, ``--log FILE`` and ``--no-progress`` (added to every subcommand by the CLI)."""
+    known = {a.dest for a in parser._actions}  # argparse has no public listing of its options
+    group = parser.add_argument_group("output")
+    if "quiet" not in known:
+        group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress")
+        group.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
+        group.add_argument("--log", type=Path, metavar="FILE", help="also write every message to this file")
+    if "no_progress" not in known:
+        group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Status lines as they are; warnings and errors prefixed so that scripts can grep them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"clipfusion: error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"clipfusion: warning: {message}"
+        if record.levelno <= logging.DEBUG:
+            return f"clipfusion: debug: {record.name}: {message}"
+        return message
+
+
+#: the handlers the last configure_logging call installed (and the next one replaces)
+_installed: list[logging.Handler] = []
+
+
+def _install(handler: logging.Handler) -> None:
+    _installed.append(handler)
+    log.addHandler(handler)
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """The console handler (level from ``-q`` / ``-v``) and the ``--log FILE`` handler (everything).
+
+    Replaces what an earlier call installed, so that ``main()`` can run several times in one process.
+    """
+    while _installed:
+        handler = _installed.pop()
+        log.removeHandler(handler)
+        handler.close()
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    console = _StderrHandler()
+    console.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(_ConsoleFormatter())
+    _install(console)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    log_file = getattr(args, "log", None)
+    if log_file is not None:
+        from clipfusion.outputs.folders import check_output_file
+
+        check_output_file(log_file, "--log")
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setLevel(logging.DEBUG)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _install(to_file)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def add_weights_option(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +171,10 @@ def build_config(args: argparse.Namespace) -> CLIPFusionConfig:
     placement options (``--device`` / ``--dtype`` apply to both branches)."""
     if args.config and args.preset:
         raise ConfigError("give either --preset or --config, not both")
+    if args.config:
+        from clipfusion.outputs.folders import check_input_file
+
+        check_input_file(args.config, "--config")
     config = load_config(args.config) if args.config else load_preset(args.preset or "paper")
     overrides = parse_overrides(args.overrides)
     if args.device:
@@ -105,3 +201,18 @@ def weights_origin(args: argparse.Namespace) -> str:
 
 def random_weights_banner(config: CLIPFusionConfig) -> str:
     return RANDOM_WEIGHTS_BANNER.format(preset=config.preset) if config.random_weights else ""
+
+
+def weights_label(config: CLIPFusionConfig) -> str:
+    """What every output file says about the weights: ``random`` (a pipeline demonstration) or
+    ``pretrained``."""
+    return "random" if config.random_weights else "pretrained"
+
+
+#: the three ways out when the pretrained weights are not on the machine
+WEIGHTS_HINT = (
+    "the pretrained weights are not on this machine. Either: (1) run `clipfusion weights fetch --to DIR` "
+    "on a connected machine and copy DIR here; (2) pass --weights-dir DIR (or set CLIPFUSION_WEIGHTS=DIR) "
+    "where DIR holds them; or (3) use --preset tiny for a pipeline check with random weights (no detection "
+    "quality)"
+)

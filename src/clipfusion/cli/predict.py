@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from clipfusion.cli.options import (
@@ -13,6 +14,8 @@ from clipfusion.cli.options import (
     err,
     random_weights_banner,
     say,
+    show_progress,
+    warn,
     weights_dir,
 )
 from clipfusion.errors import ConfigError
@@ -21,9 +24,17 @@ from clipfusion.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument(
+        "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
+    )
+    p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
     p.add_argument("--out", type=Path, default=Path("clipfusion-out"), help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out (only the files its manifest.json lists are removed)",
+    )
     p.add_argument("--threshold", type=float, help="image score above which an image is anomalous")
     p.add_argument("--pixel-threshold", type=float, help="map value above which a pixel is anomalous (masks)")
     p.add_argument(
@@ -32,26 +43,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="folder of held-out NORMAL images: sets the thresholds to the --quantile of their scores",
     )
     p.add_argument("--quantile", type=float, help="calibration quantile (default 0.99)")
+    p.add_argument(
+        "--thresholds",
+        type=Path,
+        metavar="FILE",
+        help="thresholds.json of an earlier calibration (same configuration, object and references)",
+    )
     p.add_argument("--normalize", default="set", help="heat-map scale: 'set' (shared) or 'image'")
     p.add_argument("--skip-bad", action="store_true", help="continue past unreadable images, listing them")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipfusion.calibration import DEFAULT_QUANTILE, calibrate
+    from clipfusion.calibration import DEFAULT_QUANTILE, Thresholds, calibrate, check_thresholds_for
+    from clipfusion.cli.fit import read_fitted
     from clipfusion.data.checks import check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs import report
+    from clipfusion.outputs.folders import OutputFolder, check_input_file, check_input_folder
     from clipfusion.outputs.predictions import write_predictions
 
+    # every option and path is checked before any model work, each problem in one line
+    if not args.fitted and not args.object:
+        raise ConfigError("give --object NAME (and --refs for few-shot), or --fitted DIR")
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
     if args.normalize not in report.NORMALISATIONS:
         raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
-    config = build_config(args)
-    progress = not args.no_progress
+    if args.calibrate is not None and args.thresholds is not None:
+        raise ConfigError("give either --calibrate or --thresholds, not both")
+    fitted = read_fitted(args) if args.fitted else None
+    config = fitted.config if fitted else build_config(args)
+    out = OutputFolder(args.out, overwrite=args.overwrite)
+    out.check()
+    if args.calibrate is not None:
+        check_input_folder(args.calibrate, "--calibrate")
+    saved = Thresholds.load(check_input_file(args.thresholds, "--thresholds")) if args.thresholds else None
+    if saved is not None:
+        saved.check_config(config.to_dict(), str(args.thresholds))
+    progress = show_progress(args)
     files, problems = collect_images(args.images)
     refs, ref_problems = collect_images(args.refs) if args.refs else ([], [])
     calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
@@ -64,38 +95,57 @@ def run(args: argparse.Namespace) -> int:
         for line in problems + skipped:
             err(line)
         if skipped and not problems:
-            say("clipfusion: use --skip-bad to continue without the unreadable images")
+            err("use --skip-bad to continue without the unreadable images")
         return EXIT_USAGE
     if not files:
         err("no readable input image")
         return EXIT_USAGE
     for line in skipped:
-        say(f"clipfusion: skipped: {line}")
+        warn(f"skipped: {line}")
 
     banner = random_weights_banner(config)
     if banner:
-        say(banner)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    detector = CLIPFusion(config, weights_dir=weights_dir(args))
-    detector.fit(args.object, refs).release_text_encoders()
+        warn(banner)
+    if fitted:
+        say(f"loading the fitted detector {fitted.path} ({config.preset} preset, device {config.device})")
+        detector = CLIPFusion.load(fitted.path, weights_dir(args), device=args.device)
+        refs = detector.references
+        object_name = detector.object_name
+    else:
+        say(f"loading the models ({config.preset} preset, device {config.device}, {config.dtype})")
+        detector = CLIPFusion(config, weights_dir=weights_dir(args))
+        shots = f"{len(refs)} references: memory banks" if refs else "zero-shot"
+        say(f"fitting to {args.object!r} ({shots})")
+        detector.fit(args.object, refs).release_text_encoders()
+        object_name = args.object
 
-    threshold, pixel_threshold = args.threshold, args.pixel_threshold
+    thresholds = detector.thresholds  # a fitted detector's own, when it was calibrated
     if calib:
         q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE
+        say(f"calibrating on {len(calib)} normal images")
         thresholds = calibrate(detector, calib, q, batch_size=args.batch_size, progress=progress)
+        say(
+            f"calibrated on {len(calib)} normal images (quantile {q}): threshold {thresholds.image:.6f}, "
+            f"pixel threshold {thresholds.pixel:.6f}"
+        )
+    elif saved is not None:
+        check_thresholds_for(saved, detector, str(args.thresholds))
+        thresholds = saved
+        say(f"thresholds from {args.thresholds}: {saved.image:.6f}, pixel {saved.pixel:.6f}")
+    threshold, pixel_threshold = args.threshold, args.pixel_threshold
+    if thresholds is not None:
+        # explicit values win; thresholds.json then records what was used, with its calibration's origin
         threshold = thresholds.image if threshold is None else threshold
         pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
-        say(
-            f"calibrated on {len(calib)} normal images (quantile {q}): threshold {threshold:.6f}, "
-            f"pixel threshold {pixel_threshold:.6f}"
-        )
+        thresholds = replace(thresholds, image=threshold, pixel=pixel_threshold)
 
     details = {
-        "object": args.object,
+        "object": object_name,
         "references": f"{len(refs)} ({'zero-shot' if not refs else 'few-shot'})",
         "preset": config.preset,
     }
+    if fitted:
+        details["fitted detector"] = str(fitted.path)
     if skipped:
         details["skipped (unreadable)"] = "; ".join(skipped)
     write_predictions(
@@ -104,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
         out,
         threshold=threshold,
         pixel_threshold=pixel_threshold,
+        thresholds=thresholds,
         normalize=args.normalize,
         batch_size=args.batch_size,
         progress=progress,
-        title=f"clipfusion: {args.object}",
+        title=f"clipfusion: {object_name}",
         banner=banner,
         details=details,
     )
-    say(f"wrote {out / 'scores.csv'}, {out / 'report.html'}, overlays and maps for {len(files)} images")
+    say(f"wrote {len(files)} images' scores, maps and overlays and the report to {out.path}")
     return EXIT_OK

@@ -36,7 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     w = wsub.add_parser("verify", help="check a weights folder against its manifest")
     w.add_argument("folder", type=Path)
     w.set_defaults(func=run)
-    w = wsub.add_parser("where", help="say which weights would be used, and from where")
+    w = wsub.add_parser(
+        "where",
+        help="say which weights would be used, from where, and whether every required file is present "
+        "(exit 2 when one is missing; -q: nothing printed but the problems)",
+    )
     add_model_options(w)
     w.set_defaults(func=run)
 
@@ -56,8 +60,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     config = build_config(args)
     if args.action == "where":
-        print("\n".join(weights.describe(config, weights_dir(args), origin=weights_origin(args))))
-        return EXIT_OK
+        lines, problems = weights.describe(config, weights_dir(args), origin=weights_origin(args))
+        if args.quiet:  # for scripts: nothing on success, one line per problem otherwise
+            for line in problems:
+                err(line)
+        else:
+            print("\n".join(lines))
+            if problems:
+                err(f"{len(problems)} problem(s) with the weights this configuration needs (listed above)")
+        return EXIT_USAGE if problems else EXIT_OK
     sources = weights.sources_for(
         config, clip_repo=args.clip_repo, clip_revision=args.clip_revision, variant=args.variant
     )

@@ -17,6 +17,35 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def _found_here(root: Path) -> str:
+    entries = sorted(
+        p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not p.name.startswith(".")
+    )
+    if not entries:
+        return "the folder is empty"
+    return "found: " + ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+
+
+def check_root(kind: str, root: Path, categories: Sequence[str] | None = None) -> None:
+    """One line when ``root`` is not the claimed layout at all: what was expected there, and what is there
+    (instead of the same problem once per category)."""
+    from clipfusion.data.mvtec import MVTEC_CATEGORIES
+    from clipfusion.data.visa import SPLIT_CSV
+
+    if kind == "mvtec":
+        wanted = [c for c in categories or () if c in MVTEC_CATEGORIES] or list(MVTEC_CATEGORIES)
+        if not any((root / c / "train" / "good").is_dir() for c in wanted):
+            raise InputError(
+                f"{root}: not an MVTec AD root: expected the category folders (bottle/, cable/, … each with "
+                f"train/good and test/) directly inside it; {_found_here(root)}"
+            )
+    elif kind == "visa" and not (root / SPLIT_CSV).is_file():
+        raise InputError(
+            f"{root}: not a VisA root: expected {SPLIT_CSV} (the official preparation script's layout) "
+            f"inside it; {_found_here(root)}"
+        )
+
+
 def dataset_categories(kind: str, root: str | Path, categories: Sequence[str] | None = None) -> list[str]:
     """The categories to evaluate: those asked for, else every category of the data set found under root.
 
@@ -30,10 +59,11 @@ def dataset_categories(kind: str, root: str | Path, categories: Sequence[str] | 
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: data set root does not exist or is not a folder")
+    check_root(kind, root, categories)
     if categories:
         return list(categories)
     if kind == "mvtec":
-        return [c for c in MVTEC_CATEGORIES if (root / c).is_dir()] or list(MVTEC_CATEGORIES)
+        return [c for c in MVTEC_CATEGORIES if (root / c).is_dir()]
     if kind == "visa":
         return list(VISA_CATEGORIES)
     if (root / "train" / "good").is_dir():

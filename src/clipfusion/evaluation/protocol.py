@@ -22,6 +22,14 @@ from clipfusion.errors import ConfigError
 from clipfusion.evaluation.results import METRIC_COLUMNS, ResultStore, RunKey, software_versions
 
 
+def weights_label(config: CLIPFusionConfig) -> dict[str, str]:
+    """What results.json says about the weights: metrics of random weights measure the pipeline only."""
+    if config.random_weights:
+        note = "random weights: a pipeline demonstration; these metrics say nothing about detection quality"
+        return {"kind": "random", "note": note}
+    return {"kind": "pretrained", "note": "pretrained weights"}
+
+
 def run_plan(categories: Sequence[str], shots: Sequence[int], seeds: Sequence[int]) -> list[RunKey]:
     """Zero-shot needs no references, so it runs once per category (with the first seed)."""
     if any(k < 0 for k in shots):
@@ -124,6 +132,7 @@ def evaluate(
         "versions": software_versions(),
         "protocol": {"shots": list(shots), "seeds": list(seeds), "zero_shot_runs_once": True},
         "skipped": skipped,
+        "weights": weights_label(config),
     }
     store = ResultStore(out_dir, header, resume, note=note)
     done = store.done()
@@ -137,6 +146,7 @@ def evaluate(
     if detector_factory is None:
         from clipfusion.detector import CLIPFusion
 
+        log(f"loading the models ({config.preset} preset, device {config.device}, {config.dtype})")
         detector = CLIPFusion(config, weights_dir=weights_dir)
     else:
         detector = detector_factory(config)

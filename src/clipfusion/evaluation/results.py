@@ -30,7 +30,8 @@ METRIC_COLUMNS = (
     "pixel_f1_max",
     "pixel_aupro",
 )
-CSV_COLUMNS = ("category", "shots", "seed", *METRIC_COLUMNS)
+#: ``weights``: ``pretrained``, or ``random`` for a pipeline demonstration whose metrics mean nothing
+CSV_COLUMNS = ("category", "shots", "seed", *METRIC_COLUMNS, "weights")
 SUMMARY_HEADERS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "PRO")
 
 
@@ -52,6 +53,7 @@ def software_versions() -> dict[str, str]:
         "open_clip_torch",
         "diffusers",
         "transformers",
+        "safetensors",
         "numpy",
     ):
         try:
@@ -65,12 +67,15 @@ def _fmt(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
 
 
-def results_csv(runs: Sequence[dict[str, Any]]) -> str:
+def results_csv(runs: Sequence[dict[str, Any]], weights: str = "pretrained") -> str:
+    """One row per run; ``weights`` (``pretrained`` or ``random``) fills the column of runs that do not
+    carry their own."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for run in runs:
-        writer.writerow([run["category"], run["shots"], run["seed"], *(_fmt(run[c]) for c in METRIC_COLUMNS)])
+        metrics = (_fmt(run[c]) for c in METRIC_COLUMNS)
+        writer.writerow([run["category"], run["shots"], run["seed"], *metrics, run.get("weights", weights)])
     return buf.getvalue()
 
 
@@ -163,7 +168,8 @@ class ResultStore:
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "results.csv", results_csv(self.runs))
+        weights = self.header.get("weights", {}).get("kind", "pretrained")
+        atomic_write_text(self.out_dir / "results.csv", results_csv(self.runs, weights))
         payload = {**self.header, "runs": self.runs}
         atomic_write_text(self.out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
         atomic_write_text(self.out_dir / "summary.md", summary_markdown(self.runs, note=self.note))

@@ -20,7 +20,6 @@ grid, but two narrow layers per tower; seconds on a CPU).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from importlib import resources
@@ -147,7 +146,7 @@ def resolve_checkpoint(
         return path
     if path.is_dir():
         return _checkpoint_in_dir(path)
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         raise WeightsUnavailableError(
             f"CLIP weights {pretrained!r}: no such file or folder; {_HOW_TO_PROVIDE}"
         )
@@ -223,7 +222,8 @@ def read_state_dict(checkpoint: str | os.PathLike[str]) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """Whether ``clip.checkpoint`` names a file or folder rather than an open_clip tag."""
     return (
         os.sep in value
         or "/" in value
@@ -347,6 +347,8 @@ def _from_open_clip_cache(
     url: str, cache_dir: str | os.PathLike[str] | None, tried: list[str]
 ) -> Path | None:
     """A file that open_clip downloaded from ``url`` earlier; checked against the hash in its name."""
+    from clipfusion.models.weights import sha256_file
+
     folders = [Path(cache_dir)] if cache_dir is not None else []
     folders.append(Path("~/.cache/clip").expanduser())
     filename = url.rsplit("/", 1)[-1]
@@ -356,16 +358,8 @@ def _from_open_clip_cache(
             tried.append(f"{candidate} (missing)")
             continue
         expected = Path(filename).stem.split("-")[-1] if "mlfoundations" in url else ""
-        if expected and not _sha256(candidate).startswith(expected):
+        if expected and not sha256_file(candidate).startswith(expected):
             tried.append(f"{candidate} (sha256 does not start with {expected}: corrupt or partial)")
             continue
         return candidate
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -184,11 +184,14 @@ def build_random_components(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    text_encoder: bool = True,
 ) -> SD2Components:
     """The architecture from the shipped configs with seeded random weights (no download).
 
     The global RNG is forked so building a model never changes the caller's random stream; weights depend only
-    on ``seed`` (initialised in float32 on the CPU, then moved), so every machine builds the same model.
+    on ``seed`` (initialised in float32 on the CPU, then moved), so every machine builds the same model. The
+    text encoder is drawn last, so ``text_encoder=False`` (not built: ``None``) leaves the UNet and the VAE
+    as they are with it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -204,14 +207,20 @@ def build_random_components(
             UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")), target, dtype
         )
         vae = _placed(AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")), target, dtype)
-        text_encoder = _placed(
-            CLIPTextModel(CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json")), target, dtype
+        encoder = (
+            _placed(
+                CLIPTextModel(CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json")),
+                target,
+                dtype,
+            )
+            if text_encoder
+            else None
         )
     scheduler = _scheduler_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
     components = SD2Components(
         vae,
         unet,
-        text_encoder,
+        encoder,
         offline_clip_tokenizer(),
         scheduler,
         source=f"random {architecture} (seed {seed})",
@@ -229,7 +238,8 @@ def _placed(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 def _place(components: SD2Components, device: torch.device, dtype: torch.dtype) -> SD2Components:
     for module in (components.vae, components.unet, components.text_encoder):
-        _placed(module, device, dtype)
+        if module is not None:
+            _placed(module, device, dtype)
     return components
 
 
@@ -248,7 +258,7 @@ def _offline_default() -> bool:
     )
 
 
-def _weights_variant(directory: Path) -> str | None:
+def weights_variant(directory: Path) -> str | None:
     """``None`` for the plain safetensors files, else the variant (``fp16``) every component has."""
     if all((directory / name).is_file() for name in WEIGHT_FILES):
         return None
@@ -261,16 +271,22 @@ def _weights_variant(directory: Path) -> str | None:
     return None
 
 
+def needed_files(variant: str | None = None, *, tokenizer_json: bool = False) -> tuple[str, ...]:
+    """The files of a diffusers-format folder the branch reads: the weights (of ``variant``, e.g. fp16),
+    the component configs, and the tokenizer (``tokenizer.json``, or the vocabulary and merges)."""
+    weights = tuple(
+        n.replace(".safetensors", f".{variant}.safetensors") if variant else n for n in WEIGHT_FILES
+    )
+    tokenizer = (
+        ("tokenizer/tokenizer.json",) if tokenizer_json else ("tokenizer/vocab.json", "tokenizer/merges.txt")
+    )
+    return (*weights, *CONFIG_FILES[1:], *tokenizer)
+
+
 def _missing_files(directory: Path) -> list[str]:
-    variant = _weights_variant(directory)
-    weights = [n.replace(".safetensors", f".{variant}.safetensors") if variant else n for n in WEIGHT_FILES]
-    missing = [name for name in (*weights, *CONFIG_FILES[1:]) if not (directory / name).is_file()]
-    tok = directory / "tokenizer"
-    if not (tok / "tokenizer.json").is_file() and not (
-        (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
-    ):
-        missing.append("tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)")
-    return missing
+    has_json = (directory / "tokenizer" / "tokenizer.json").is_file()
+    needed = needed_files(weights_variant(directory), tokenizer_json=has_json)
+    return [name for name in needed if not (directory / name).is_file()]
 
 
 def _how_to_provide(model: str) -> str:
@@ -349,20 +365,26 @@ def load_sd2_inpainting(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
+    text_encoder: bool = True,
 ) -> SD2Components:
-    """The pretrained components from a hub id or a local diffusers-format directory (safetensors only)."""
+    """The pretrained components from a hub id or a local diffusers-format directory (safetensors only);
+    ``text_encoder=False`` does not load the text encoder (``None``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     directory = resolve_weights_dir(
         model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
     )
-    safe = {"use_safetensors": True, "local_files_only": True, "variant": _weights_variant(directory)}
+    safe = {"use_safetensors": True, "local_files_only": True, "variant": weights_variant(directory)}
     try:
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype, **safe)
         vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype, **safe)
-        text_encoder = CLIPTextModel.from_pretrained(
-            directory / "text_encoder", dtype=dtype, trust_remote_code=False, **safe
+        encoder = (
+            CLIPTextModel.from_pretrained(
+                directory / "text_encoder", dtype=dtype, trust_remote_code=False, **safe
+            )
+            if text_encoder
+            else None
         )
         tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
         scheduler = _scheduler_from_config(
@@ -372,7 +394,7 @@ def load_sd2_inpainting(
         raise WeightsUnavailableError(
             f"diffusion weights in {directory} cannot be loaded: {type(exc).__name__}: {exc}"
         ) from exc
-    components = SD2Components(vae, unet, text_encoder, tokenizer, scheduler, source=str(directory))
+    components = SD2Components(vae, unet, encoder, tokenizer, scheduler, source=str(directory))
     return _place(components, torch.device(device), dtype)
 
 
@@ -413,15 +435,19 @@ def load_diffusion_components(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
+    text_encoder: bool = True,
 ) -> SD2Components:
-    """The components a :class:`~clipfusion.config.MapDiffConfig` names (pretrained or random), placed."""
+    """The components a :class:`~clipfusion.config.MapDiffConfig` names (pretrained or random), placed;
+    without the text encoder (``None``) when ``text_encoder`` is False."""
     from clipfusion.runtime import resolve_device, resolve_dtype
 
     config = config.placed()  # a branch section alone: the package's default placement where unset
     dev = resolve_device(config.device if device is None else device)
     dt = resolve_dtype(config.dtype if dtype is None else dtype, dev)
     if config.weights == "random":
-        return build_random_components(config.architecture, seed=config.init_seed, device=dev, dtype=dt)
+        return build_random_components(
+            config.architecture, seed=config.init_seed, device=dev, dtype=dt, text_encoder=text_encoder
+        )
     if config.weights != "pretrained":
         raise ConfigError(f"diffusion.weights must be 'pretrained' or 'random', got {config.weights!r}")
     return load_sd2_inpainting(
@@ -431,4 +457,5 @@ def load_diffusion_components(
         dtype=dt,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
+        text_encoder=text_encoder,
     )

@@ -229,6 +229,52 @@ def fetch(
     return manifest
 
 
+#: values read from every tensor by :func:`weights_fingerprint`
+FINGERPRINT_SAMPLES = 64
+
+
+def weights_fingerprint(parts: dict[str, Any]) -> str:
+    """A cheap identity of loaded weights: sha256 over every tensor's name, shape and dtype and a fixed
+    sample of its values (``FINGERPRINT_SAMPLES`` evenly spaced elements, read in logical order as float32).
+
+    ``parts`` maps names to modules (their ``state_dict``: parameters and buffers) or tensors. Reading a few
+    values per tensor costs milliseconds even for SD-2's 1,000 tensors, where hashing every byte would take
+    seconds; any re-draw, re-training or wrong file changes the sampled values. The same weights give the
+    same fingerprint on any device and in any memory layout (but not in another dtype).
+    """
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256()
+    for part in sorted(parts):
+        value = parts[part]
+        tensors = value.state_dict() if isinstance(value, torch.nn.Module) else {"": value}
+        for name in sorted(tensors):
+            tensor = tensors[name].detach()
+            digest.update(f"{part}.{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            n = tensor.numel()
+            if n == 0:
+                continue
+            k = min(n, FINGERPRINT_SAMPLES)
+            index = [i * (n - 1) // max(k - 1, 1) for i in range(k)]
+            flat = tensor.reshape(-1)
+            sample = flat[torch.tensor(index, device=flat.device)]
+            digest.update(np.ascontiguousarray(sample.float().cpu().numpy()).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def manifest_files(folder: str | Path, subdir: str = "") -> dict[str, str]:
+    """``{path: sha256}`` of the manifest entries under ``subdir`` (default: all) of a weights folder (empty
+    without a manifest): what a fitted detector records of the weights it was fitted with."""
+    manifest = read_manifest(Path(folder)) or {}
+    prefix = subdir.rstrip("/") + "/" if subdir else ""
+    return {
+        entry["path"]: entry["sha256"]
+        for entry in manifest.get("files", [])
+        if str(entry.get("path", "")).startswith(prefix)
+    }
+
+
 def verify(folder: str | Path) -> list[str]:
     """Problems with a weights folder, one line each (empty when every file is there and intact)."""
     folder = Path(folder)
@@ -278,41 +324,104 @@ def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None) -> CL
     return replace(config, clip=clip, diffusion=diffusion)
 
 
+@dataclass(frozen=True)
+class RequiredFile:
+    """One file a configuration needs, and where it was found (``path`` None: missing)."""
+
+    component: str
+    name: str
+    path: Path | None
+    looked_in: str
+
+
+def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -> list[RequiredFile]:
+    """Every file the pretrained branches of ``config`` read, each looked up where loading would look: the
+    weights folder, a local checkpoint or diffusers folder, or the Hugging Face cache (never the network).
+    Random-weight branches need none."""
+    from clipfusion.models.clip import looks_like_path
+    from clipfusion.models.diffusion import needed_files, weights_variant
+
+    if folder is not None:
+        config = apply_weights_dir(config, folder)
+    found: list[RequiredFile] = []
+    clip, diffusion = config.clip, config.diffusion
+    if config.use_clip and clip.weights != "random":
+        local = Path(clip.checkpoint).expanduser()
+        if local.is_file():
+            found.append(RequiredFile("clip", local.name, local, str(local.parent)))
+        elif local.is_dir() or looks_like_path(clip.checkpoint):
+            hit = next((local / n for n in CLIP_PATTERNS[1:] if (local / n).is_file()), None)
+            found.append(RequiredFile("clip", CLIP_PATTERNS[1], hit, str(local)))
+        else:
+            repo = clip_hub_repo(clip.model, clip.checkpoint)
+            names = (CLIP_PATTERNS[1], "open_clip_pytorch_model.bin")
+            hit = next((p for n in names if (p := _cached(repo, n, "main")) is not None), None)
+            found.append(RequiredFile("clip", names[0], hit, f"the Hugging Face cache ({repo})"))
+    if config.use_diffusion and diffusion.weights != "random":
+        local = Path(diffusion.model).expanduser()
+        if local.is_dir() or _looks_local(diffusion.model):
+            json_tokenizer = (local / "tokenizer" / "tokenizer.json").is_file()
+            for name in needed_files(
+                weights_variant(local) if local.is_dir() else None, tokenizer_json=json_tokenizer
+            ):
+                path = local / name
+                found.append(RequiredFile("diffusion", name, path if path.is_file() else None, str(local)))
+        else:
+            where = f"the Hugging Face cache ({diffusion.model}@{diffusion.revision})"
+            for name in needed_files():
+                hit = _cached(diffusion.model, name, diffusion.revision)
+                found.append(RequiredFile("diffusion", name, hit, where))
+    return found
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.count("/") != 1
+
+
+def _cached(repo_id: str, filename: str, revision: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except Exception:  # a malformed id or cache: not there
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
 def describe(
     config: CLIPFusionConfig, folder: str | Path | None = None, origin: str = "weights_dir"
-) -> list[str]:
-    """What would be used, and from where: for ``clipfusion weights where`` (``origin`` says where the folder
-    came from, e.g. ``--weights-dir``)."""
-    lines = []
+) -> tuple[list[str], list[str]]:
+    """For ``clipfusion weights where``: lines saying what would be used, from where, and whether each
+    required file is present; and one line per problem (a missing file, a damaged weights folder)."""
+    lines: list[str] = []
+    problems: list[str] = []
     if folder is not None:
         folder = Path(folder)
         lines.append(f"weights folder: {folder} (from {origin})")
-        problems = verify(folder)
-        lines += [f"  problem: {p}" for p in problems] or ["  verified: every file matches the manifest"]
-        try:
-            config = apply_weights_dir(config, folder)
-        except ClipfusionError as exc:
-            lines.append(f"  problem: {exc}")
+        folder_problems = verify(folder)
+        problems += folder_problems
+        if not folder_problems:
+            lines.append("  verified: every file matches the manifest")
     clip, diffusion = config.clip, config.diffusion
-    if clip.weights == "random":
-        lines.append(f"clip: {clip.model} with random weights (seed {clip.init_seed})")
-    elif Path(clip.checkpoint).exists():
-        lines.append(f"clip: {clip.model} from {clip.checkpoint}")
-    else:
-        lines.append(f"clip: {clip.model}/{clip.checkpoint} from the hub cache or hub ({_hf_cache()})")
-    if diffusion.weights == "random":
-        lines.append(f"diffusion: {diffusion.architecture} with random weights (seed {diffusion.init_seed})")
-    elif Path(diffusion.model).exists():
-        lines.append(f"diffusion: {diffusion.model}")
-    else:
-        lines.append(
-            f"diffusion: {diffusion.model}@{diffusion.revision} from the hub cache or hub ({_hf_cache()})"
-        )
+    if config.use_clip and clip.weights == "random":
+        lines.append(f"clip: {clip.model}, random weights (seed {clip.init_seed}): no file needed")
+    if config.use_diffusion and diffusion.weights == "random":
+        seed = diffusion.init_seed
+        lines.append(f"diffusion: {diffusion.architecture}, random weights (seed {seed}): no file needed")
+    try:
+        required = required_files(config, folder)
+    except ClipfusionError as exc:
+        return lines, [*problems, str(exc)]
+    for item in required:
+        state = f"present  {item.path}" if item.path is not None else f"MISSING  (looked in {item.looked_in})"
+        lines.append(f"{item.component}: {item.name}: {state}")
+        if item.path is None:
+            problems.append(f"{item.component}: {item.name} is missing (looked in {item.looked_in})")
     from huggingface_hub import constants
 
     hub = "offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
     lines.append(f"hub: {hub}")
-    return lines
+    return lines, problems
 
 
 def _hf_cache() -> str:

@@ -1,7 +1,11 @@
 """Scoring a list of image files and writing everything a user looks at: ``scores.csv``, the raw maps
 (``maps/*.npy``), heat-map overlays (``overlays/*.png``), masks when a pixel threshold is known
-(``masks/*.png``), the configuration (``config.json``) and ``report.html``.
+(``masks/*.png``), the configuration (``config.json``), the thresholds (``thresholds.json``) when known,
+``report.html``, and ``manifest.json`` listing all of them.
 
+Every row of ``scores.csv`` names the files written for its image (``overlay``, ``map``, ``mask`` columns,
+relative to the folder), so outputs stay matched to inputs when file names collide, and a ``weights`` column
+says whether the scores come from the pretrained models or from random weights (a pipeline demonstration).
 Memory stays bounded whatever the number of images: maps are written batch by batch and read back for the
 overlays, whose shared colour scale is only known once every map exists.
 """
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,31 +24,66 @@ import numpy as np
 
 from clipfusion.outputs import report
 from clipfusion.outputs.files import atomic_write_text
+from clipfusion.outputs.folders import OutputFolder
 from clipfusion.progress import progress_bar
 
 if TYPE_CHECKING:
+    from clipfusion.calibration import Thresholds
     from clipfusion.detector import CLIPFusion
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NOTE = {
+    "random": "random weights: a pipeline demonstration; scores and maps say nothing about detection quality",
+    "pretrained": "pretrained weights",
+}
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output names per input image: the file stem, made unique when two inputs share one."""
-    seen: dict[str, int] = {}
+    """Output names per input image: the file stem, made unique (``_2``, ``_3`` …) when inputs share one."""
+    used: set[str] = set()
     names = []
     for path in paths:
-        stem = path.stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}_{count + 1}")
+        name, count = path.stem, 1
+        while name in used:
+            count += 1
+            name = f"{path.stem}_{count}"
+        used.add(name)
+        names.append(name)
     return names
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """The files written for one input image, relative to the output folder."""
+
+    overlay: str
+    map: str
+    mask: str | None
+
+
+def output_names(files: Sequence[Path], with_masks: bool) -> list[OutputNames]:
+    return [
+        OutputNames(f"overlays/{n}.png", f"maps/{n}.npy", f"masks/{n}.png" if with_masks else None)
+        for n in unique_stems(files)
+    ]
+
+
+def planned_files(names: Sequence[OutputNames], *, thresholds: bool) -> list[str]:
+    """Every file a prediction run writes (what its manifest lists before the first one exists)."""
+    fixed = ["scores.csv", "config.json", "report.html"] + (["thresholds.json"] if thresholds else [])
+    per_image = [f for n in names for f in (n.overlay, n.map, n.mask) if f is not None]
+    return fixed + per_image
 
 
 def write_predictions(
     detector: CLIPFusion,
     files: Sequence[Path],
-    out: Path,
+    out: Path | OutputFolder,
     *,
     threshold: float | None = None,
     pixel_threshold: float | None = None,
+    thresholds: Thresholds | None = None,
     normalize: str = "set",
     batch_size: int | None = None,
     progress: bool = True,
@@ -51,23 +92,37 @@ def write_predictions(
     details: dict[str, str] | None = None,
     labels: Sequence[str] | None = None,
 ) -> list[tuple[str, float, str]]:
-    """Predict ``files`` with a fitted detector and write the outputs; returns (path, score, decision)."""
+    """Predict ``files`` with a fitted detector and write the outputs; returns (path, score, decision).
+
+    ``out`` is an :class:`OutputFolder` (checked and claimed through its manifest) or a path to a new or
+    empty folder. ``thresholds``, when given, is written to ``thresholds.json`` beside the scores.
+    """
     from clipfusion.data import load_image
 
     if normalize not in report.NORMALISATIONS:
         raise ValueError(f"normalize must be one of {report.NORMALISATIONS}")
-    out.mkdir(parents=True, exist_ok=True)
-    names = unique_stems(files)
-    maps_dir, overlay_dir, mask_dir = out / "maps", out / "overlays", out / "masks"
+    folder = out if isinstance(out, OutputFolder) else OutputFolder(out)
+    weights = "random" if detector.config.random_weights else "pretrained"
+    names = output_names(files, with_masks=pixel_threshold is not None)
+    folder.open(
+        planned_files(names, thresholds=thresholds is not None),
+        command="predict",
+        images=len(files),
+        weights=weights,
+        weights_note=WEIGHTS_NOTE[weights],
+    )
+    root = folder.path
+    png_text = {"clipfusion-weights": WEIGHTS_NOTE[weights]}
     rows: list[tuple[str, float, str]] = []
     vmin, vmax = float("inf"), float("-inf")
     batch = batch_size or detector.default_batch_size
+    log.info(f"scoring {len(files)} images")
     bar = progress_bar(len(files), "predict", enabled=progress)
     for start in range(0, len(files), batch):
         chunk = list(files[start : start + batch])
         results = detector.predict(chunk, batch_size=batch)
         for path, name, result in zip(chunk, names[start : start + batch], results, strict=True):
-            report.save_npy(result.anomaly_map, maps_dir / f"{name}.npy")
+            report.save_npy(result.anomaly_map, root / name.map)
             vmin = min(vmin, float(result.anomaly_map.min()))
             vmax = max(vmax, float(result.anomaly_map.max()))
             decision = ""
@@ -79,45 +134,55 @@ def write_predictions(
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = ["path", "score"] + (["decision"] if threshold is not None else [])
-    writer.writerow(header)
-    for path, score, decision in rows:
-        writer.writerow([path, f"{score:.6f}"] + ([decision] if threshold is not None else []))
-    atomic_write_text(out / "scores.csv", buf.getvalue())
-    detector.save_config(out / "config.json")
+    with_masks = pixel_threshold is not None
+    header = ["path", "score"] + (["decision"] if threshold is not None else []) + ["overlay", "map"]
+    writer.writerow(header + (["mask"] if with_masks else []) + ["weights"])
+    for (path, score, decision), name in zip(rows, names, strict=True):
+        row = (
+            [path, f"{score:.6f}"] + ([decision] if threshold is not None else []) + [name.overlay, name.map]
+        )
+        writer.writerow(row + ([name.mask] if with_masks else []) + [weights])
+    atomic_write_text(root / "scores.csv", buf.getvalue())
+    detector.save_config(root / "config.json")
+    if thresholds is not None:
+        thresholds.save(root / "thresholds.json")
 
+    log.info("writing overlays" + (", masks" if with_masks else "") + " and the report")
     entries = []
+    bar = progress_bar(len(rows), "overlays", enabled=progress)
     for index, ((path, score, decision), name) in enumerate(zip(rows, names, strict=True)):
-        anomaly_map = np.load(maps_dir / f"{name}.npy")
+        anomaly_map = np.load(root / name.map)
         if normalize == "image":
             heat = report.normalise(anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
         else:
             heat = report.normalise(anomaly_map, vmin, vmax)
         image = load_image(path)
         over = report.overlay(image, heat)
-        report.save_png(over, overlay_dir / f"{name}.png")
-        if pixel_threshold is not None:
-            report.save_png(
-                report.mask_image(anomaly_map > pixel_threshold, image.size), mask_dir / f"{name}.png"
-            )
+        report.save_png(over, root / name.overlay, text=png_text)
+        if name.mask is not None:
+            mask = report.mask_image(anomaly_map > pixel_threshold, image.size)
+            report.save_png(mask, root / name.mask, text=png_text)
         entries.append(
             report.ReportEntry(
                 name=str(path),
                 score=score,
                 thumbnail=report.thumbnail_data_uri(over),
-                overlay_href=f"overlays/{name}.png",
+                overlay_href=name.overlay,
                 decision=decision or None,
                 label=labels[index] if labels else None,
             )
         )
+        bar.update(1)
+    bar.close()
     details = dict(details or {})
+    details["weights"] = WEIGHTS_NOTE[weights]
     details["normalisation"] = normalize
     if threshold is not None:
         details["threshold"] = f"{threshold:.6f}"
     if pixel_threshold is not None:
         details["pixel threshold"] = f"{pixel_threshold:.6f}"
     report.write_html(
-        out / "report.html",
+        root / "report.html",
         report.html_report(
             entries,
             title=title,
@@ -126,4 +191,5 @@ def write_predictions(
             details=details,
         ),
     )
+    folder.close()
     return rows

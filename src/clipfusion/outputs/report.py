@@ -54,9 +54,18 @@ def mask_image(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
 
 
-def save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
+    """A PNG, atomically; ``text`` goes into its tEXt chunks (e.g. the random-weights label), which image
+    viewers and ``PIL.Image.open(path).text`` show."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -1,0 +1,134 @@
+"""``clipfusion fit``: fit a detector for one product once and save it, for ``predict --fitted`` (and any
+number of machines or servers) to use without the references."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clipfusion.cli.options import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_options,
+    build_config,
+    err,
+    random_weights_banner,
+    say,
+    show_progress,
+    warn,
+    weights_dir,
+)
+from clipfusion.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from clipfusion.fitted import FittedRecord
+
+
+def read_fitted(args: argparse.Namespace) -> FittedRecord:
+    """``predict --fitted DIR``, checked before any model is loaded; the options it replaces are refused
+    (``--device`` stays: where a fit runs does not change it)."""
+    from clipfusion.fitted import read
+
+    given = [
+        o
+        for o, v in (
+            ("--object", args.object),
+            ("--refs", args.refs),
+            ("--preset", args.preset),
+            ("--config", args.config),
+            ("--set", args.overrides),
+            ("--dtype", args.dtype),
+        )
+        if v
+    ]
+    if given:
+        raise ConfigError(
+            f"--fitted takes the object, references and configuration from {args.fitted}; "
+            f"drop {', '.join(given)}"
+        )
+    return read(args.fitted)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit", help="fit a detector for one product (object name, references) and save it to a folder"
+    )
+    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
+    p.add_argument("--out", type=Path, required=True, help="the fitted detector's folder (new or empty)")
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        help="folder of held-out NORMAL images: thresholds from the --quantile of their scores, saved too",
+    )
+    p.add_argument("--quantile", type=float, help="calibration quantile (default 0.99)")
+    p.add_argument("--skip-bad", action="store_true", help="continue past unreadable images, listing them")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipfusion.calibration import DEFAULT_QUANTILE, calibrate
+    from clipfusion.data.checks import check_images, collect_images
+    from clipfusion.detector import CLIPFusion
+    from clipfusion.fitted import DETECTOR_FILE
+    from clipfusion.outputs.folders import check_creatable, check_input_folder
+
+    if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
+        raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
+    if args.quantile is not None and not args.calibrate:
+        raise ConfigError("--quantile needs --calibrate")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --out names an existing file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DETECTOR_FILE).is_file():
+        raise InputError(f"{out}: --out is not empty and holds no fitted detector; choose a new folder")
+    check_creatable(out, "--out")
+    if args.calibrate is not None:
+        check_input_folder(args.calibrate, "--calibrate")
+    config = build_config(args)
+    progress = show_progress(args)
+    refs, problems = collect_images(args.refs) if args.refs else ([], [])
+    calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
+    problems += calib_problems
+    refs, bad_refs = check_images(refs, progress, desc="checking references")
+    calib, bad_calib = check_images(calib, progress, desc="checking calibration images")
+    skipped = bad_refs + bad_calib
+    if problems or (skipped and not args.skip_bad):
+        for line in problems + skipped:
+            err(line)
+        if skipped and not problems:
+            err("use --skip-bad to continue without the unreadable images")
+        return EXIT_USAGE
+    if args.refs and not refs:
+        err("no readable reference image")
+        return EXIT_USAGE
+    if args.calibrate and not calib:
+        err(f"{args.calibrate}: no readable calibration image")
+        return EXIT_USAGE
+    for line in skipped:
+        warn(f"skipped: {line}")
+
+    banner = random_weights_banner(config)
+    if banner:
+        warn(banner)
+    start = time.perf_counter()
+    say(f"[1/4] loading models ({config.preset} configuration)")
+    detector = CLIPFusion(config, weights_dir=weights_dir(args))
+    regime = f"{len(refs)}-shot" if refs else "zero-shot"
+    say(f"[2/4] fitting {args.object!r} ({regime})")
+    detector.fit(args.object, refs).release_text_encoders()
+    thresholds = None
+    if calib:
+        q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE
+        say(f"[3/4] calibrating on {len(calib)} normal images (quantile {q})")
+        thresholds = calibrate(detector, calib, q, batch_size=args.batch_size, progress=progress)
+        say(f"      threshold {thresholds.image:.6f}, pixel threshold {thresholds.pixel:.6f}")
+    else:
+        say("[3/4] no --calibrate: no thresholds saved (predict --threshold/--calibrate can set them)")
+    say(f"[4/4] saving to {out}")
+    detector.save(out, thresholds)
+    say(f"fitted {detector.object_name!r} ({regime}) in {time.perf_counter() - start:.1f} s: {out}")
+    return EXIT_OK

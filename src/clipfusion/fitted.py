@@ -1,0 +1,350 @@
+"""A fitted detector on disk: what :meth:`CLIPFusion.save` writes and :meth:`CLIPFusion.load` reads.
+
+Fitting is cheap next to scoring a plant's archive, but it has to be the *same* fit everywhere the detector
+runs (every Ray worker, every server process, next year's audit): so the fit is saved once, with everything
+that decides its answers except the large model weights, which stay in the weights folder or cache they came
+from and are checked, not copied. Layout of a fitted folder (format 1)::
+
+    DIR/detector.json          what this is: format, object name, references (names, sha256), per branch
+                               its state's meta and the fingerprint of the weights it was fitted with,
+                               software versions, and the sha256 of every other file below
+    DIR/config.json            the configuration (as ``clipfusion config`` writes it)
+    DIR/clip.safetensors       PatchCLIP: text features of the object; memory bank (few-shot)
+    DIR/diffusion.safetensors  MapDiff: prompt token ids and embeddings per state word; memory bank
+    DIR/thresholds.json        calibrated thresholds (only when calibrated)
+
+Only JSON and safetensors are ever read (no pickle). Loading refuses, with one line, a folder that is not a
+fitted detector, is of a later format, misses a file or holds a file changed since saving, and weights that
+differ from the fit's (weights-folder manifest hashes where one was used, and always a fingerprint of the
+loaded tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clipfusion.calibration import Thresholds
+from clipfusion.config import CLIPFusionConfig, load_config
+from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.models.weights import sha256_file
+
+if TYPE_CHECKING:
+    from clipfusion.branches import Branch
+    from clipfusion.detector import CLIPFusion
+
+FORMAT = 1
+KIND = "clipfusion-fitted-detector"
+DETECTOR_FILE = "detector.json"
+CONFIG_FILE = "config.json"
+THRESHOLDS_FILE = "thresholds.json"
+#: the only kinds of file a fitted folder holds (and the only ones loading reads)
+SUFFIXES = (".json", ".safetensors")
+
+
+def branch_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+@dataclass(frozen=True)
+class FittedRecord:
+    """A fitted folder, checked and parsed, before any model is loaded."""
+
+    path: Path
+    config: CLIPFusionConfig
+    record: dict[str, Any]
+    thresholds: Thresholds | None
+
+    @property
+    def object_name(self) -> str:
+        return str(self.record["object_name"])
+
+    @property
+    def references(self) -> list[dict[str, Any]]:
+        return list(self.record.get("references", []))
+
+
+def weights_source(detector: CLIPFusion, branch: str) -> dict[str, Any]:
+    """Where a branch's weights come from, as the configuration and weights folder say: recorded at save
+    time, and used to say what differs when loading meets other weights."""
+    from clipfusion.models.weights import SD_SUBDIR, clip_subdir, manifest_files
+
+    config = detector.config
+    folder = detector.weights_dir
+    if branch == "clip":
+        clip = config.clip
+        if clip.weights == "random":
+            return {"weights": "random", "model": clip.model, "init_seed": clip.init_seed}
+        source: dict[str, Any] = {"weights": "pretrained", "model": clip.model, "checkpoint": clip.checkpoint}
+        subdir = clip_subdir(clip.model, clip.checkpoint)
+    else:
+        diffusion = config.diffusion
+        if diffusion.weights == "random":
+            return {
+                "weights": "random",
+                "architecture": diffusion.architecture,
+                "init_seed": diffusion.init_seed,
+            }
+        source = {"weights": "pretrained", "model": diffusion.model, "revision": diffusion.revision}
+        subdir = SD_SUBDIR
+    if folder is not None:
+        source["weights_dir"] = str(folder)
+        source["weights_dir_files"] = manifest_files(folder, subdir)
+    return source
+
+
+def _describe(source: dict[str, Any]) -> str:
+    if source.get("weights") == "random":
+        arch = source.get("model") or source.get("architecture")
+        return f"random {arch}, init_seed {source.get('init_seed')}"
+    where = f" from {source['weights_dir']}" if source.get("weights_dir") else ""
+    name = source.get("checkpoint") or source.get("model")
+    return f"pretrained {name}{where}"
+
+
+# -------------------------------------------------------------------------------------------------------
+# saving
+
+
+def save(detector: CLIPFusion, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
+    """Write a fitted detector folder (see the module docstring); ``thresholds`` default to the detector's.
+
+    Every file is written atomically and ``detector.json``, which holds the others' sha256, last: a save
+    that is interrupted leaves a folder that loading refuses, never one that loads wrongly. An existing
+    fitted folder is replaced; any other non-empty folder is refused.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    from clipfusion.evaluation.results import software_versions
+    from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
+
+    if detector.object_name is None:
+        raise ClipfusionError("save: fit the detector first (fit(object_name, references))")
+    directory = Path(directory)
+    thresholds = thresholds if thresholds is not None else detector.thresholds
+    config_dict = detector.config.to_dict()
+    if thresholds is not None:
+        thresholds.check_config(config_dict)
+        if thresholds.object_name is not None and thresholds.object_name != detector.object_name:
+            raise ConfigError(
+                f"save: the thresholds were calibrated for {thresholds.object_name!r}, the detector is "
+                f"fitted for {detector.object_name!r}"
+            )
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / DETECTOR_FILE).is_file():
+        raise InputError(f"{directory}: not empty and not a fitted detector; choose a new or empty folder")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    files: dict[str, str] = {}
+
+    def write(name: str, payload: bytes) -> None:
+        atomic_write_bytes(directory / name, payload)
+        files[name] = hashlib.sha256(payload).hexdigest()
+
+    write(CONFIG_FILE, (json.dumps(config_dict, indent=2) + "\n").encode())
+    branches: dict[str, Any] = {}
+    for branch in detector.branches:
+        state = branch.state()
+        # clones: safetensors refuses tensors that share storage, and views of a larger tensor
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.tensors.items()}
+        write(branch_file(branch.name), safetensors_bytes(tensors, metadata={"format": str(FORMAT)}))
+        branches[branch.name] = {
+            "file": branch_file(branch.name),
+            "meta": state.meta,
+            "weights": {
+                "fingerprint": branch.weights_fingerprint(),
+                "source": weights_source(detector, branch.name),
+            },
+        }
+    if thresholds is not None:
+        write(THRESHOLDS_FILE, (json.dumps(thresholds.to_dict(), indent=2) + "\n").encode())
+    record = {
+        "format": FORMAT,
+        "kind": KIND,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "object_name": detector.object_name,
+        "shots": detector.shots,
+        "references": [
+            {"name": name, "sha256": sha}
+            for name, sha in zip(detector.references, detector.reference_sha256, strict=True)
+        ],
+        "branches": branches,
+        "thresholds": THRESHOLDS_FILE if thresholds is not None else None,
+        "random_weights": detector.config.random_weights,
+        "versions": software_versions(),
+        "files": files,
+    }
+    # files of an earlier save that this one does not rewrite (thresholds, a branch switched off) would
+    # otherwise look like part of the new detector to a reader
+    for stale in (THRESHOLDS_FILE, branch_file("clip"), branch_file("diffusion")):
+        if stale not in files:
+            (directory / stale).unlink(missing_ok=True)
+    atomic_write_text(directory / DETECTOR_FILE, json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+# -------------------------------------------------------------------------------------------------------
+# reading and loading
+
+
+def read(directory: str | Path) -> FittedRecord:
+    """Check and parse a fitted folder without loading any model: quick, so commands can refuse a bad
+    ``--fitted`` before any other work."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such folder (a fitted detector is a folder made by `clipfusion fit`)")
+    meta_path = path / DETECTOR_FILE
+    if not meta_path.is_file():
+        raise InputError(
+            f"{path}: not a fitted clipfusion detector (no {DETECTOR_FILE}); make one with `clipfusion fit`"
+        )
+    try:
+        record = json.loads(meta_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{meta_path}: cannot read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(record, dict) or record.get("kind") != KIND:
+        raise InputError(f"{meta_path}: not a fitted clipfusion detector")
+    version = record.get("format")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{meta_path}: no valid format version")
+    if version > FORMAT:
+        from clipfusion import __version__
+
+        raise InputError(
+            f"{path}: fitted detector format {version}; this clipfusion ({__version__}) reads format "
+            f"{FORMAT} and older: upgrade clipfusion"
+        )
+    files = record.get("files")
+    branches = record.get("branches")
+    if (
+        not isinstance(files, dict)
+        or not isinstance(branches, dict)
+        or not isinstance(record.get("object_name"), str)
+        or not isinstance(record.get("references", []), list)
+    ):
+        raise InputError(f"{meta_path}: malformed (files, branches, object_name or references missing)")
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(SUFFIXES):
+            raise InputError(f"{meta_path}: lists {name!r}, which is not a file a fitted detector holds")
+    for name, sha in files.items():
+        file = path / name
+        if not file.is_file():
+            raise InputError(f"{path}: incomplete fitted detector: {name} is missing")
+        if sha256_file(file) != sha:
+            raise InputError(
+                f"{file}: changed since the detector was saved (sha256 differs from {DETECTOR_FILE})"
+            )
+    if CONFIG_FILE not in files:
+        raise InputError(f"{meta_path}: malformed ({CONFIG_FILE} not listed)")
+    config = load_config(path / CONFIG_FILE)
+    needed = [n for n, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)) if used]
+    for name in needed:
+        entry = branches.get(name)
+        if (
+            not isinstance(entry, dict)
+            or entry.get("file") not in files
+            or not isinstance(entry.get("meta"), dict)
+            or not isinstance(entry.get("weights"), dict)
+            or not isinstance(entry["weights"].get("fingerprint"), str)
+        ):
+            raise InputError(f"{meta_path}: malformed (no saved state of the {name} branch)")
+    thresholds = None
+    if record.get("thresholds"):
+        if record["thresholds"] not in files:
+            raise InputError(f"{meta_path}: malformed ({record['thresholds']} not listed)")
+        thresholds = Thresholds.load(path / str(record["thresholds"]))
+        thresholds.check_config(config.to_dict(), where=str(path / str(record["thresholds"])))
+    return FittedRecord(path, config, record, thresholds)
+
+
+def _check_weights_folder(fitted: FittedRecord, branch: str, weights_dir: Path | None) -> None:
+    """Before any model is loaded: the weights folder's manifest must list the files the fit used with the
+    same sha256 (a folder without a manifest is checked by the fingerprint alone)."""
+    if weights_dir is None:
+        return
+    from clipfusion.models.weights import manifest_files
+
+    source = fitted.record["branches"][branch]["weights"].get("source")
+    recorded = source.get("weights_dir_files") if isinstance(source, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    found = manifest_files(weights_dir)
+    for rel, sha in sorted(recorded.items()):
+        if rel in found and found[rel] != sha:
+            raise ConfigError(
+                f"{fitted.path}: the {branch} weights differ from the fit's: {weights_dir / rel} has "
+                f"sha256 {found[rel][:12]}…, the detector was fitted with {sha[:12]}…; use the weights "
+                "folder the fit used, or fit again"
+            )
+
+
+def _check_fingerprint(fitted: FittedRecord, detector: CLIPFusion, branch: Branch) -> None:
+    entry = fitted.record["branches"][branch.name]["weights"]
+    found = branch.weights_fingerprint()
+    if found != entry["fingerprint"]:
+        saved = _describe(entry.get("source", {}))
+        now = _describe(weights_source(detector, branch.name))
+        raise ConfigError(
+            f"{fitted.path}: the {branch.name} weights found ({now}; fingerprint {found[:12]}) are not the "
+            f"ones the detector was fitted with ({saved}; fingerprint {entry['fingerprint'][:12]}); load "
+            "with the weights the fit used, or fit again"
+        )
+
+
+def load(
+    cls: type[CLIPFusion],
+    directory: str | Path,
+    *,
+    weights_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    device: str | None = None,
+    clip: Branch | None = None,
+    diffusion: Branch | None = None,
+) -> CLIPFusion:
+    """A detector ready to predict, from a folder :func:`save` wrote (see :meth:`CLIPFusion.load`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from clipfusion.branches import BranchState
+
+    fitted = read(directory)
+    config = fitted.config if device is None else fitted.config.replace(device=device)
+    folder = Path(weights_dir).expanduser() if weights_dir is not None else None
+    for name, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)):
+        if used:
+            _check_weights_folder(fitted, name, folder)
+    detector = cls(
+        config,
+        clip=clip,
+        diffusion=diffusion,
+        weights_dir=folder,
+        local_files_only=local_files_only,
+        text_encoders=False,
+    )
+    for branch in detector.branches:
+        _check_fingerprint(fitted, detector, branch)
+        entry = fitted.record["branches"][branch.name]
+        file = fitted.path / entry["file"]
+        try:
+            tensors = load_file(str(file), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{file}: not a readable safetensors file ({exc})") from exc
+        try:
+            branch.load_state(BranchState(tensors, dict(entry["meta"])))
+        except ClipfusionError as exc:
+            raise InputError(f"{file}: {exc}") from exc
+    detector.object_name = fitted.object_name
+    detector.references = [str(ref.get("name")) for ref in fitted.references]
+    detector.reference_sha256 = [ref.get("sha256") for ref in fitted.references]
+    detector.thresholds = fitted.thresholds
+    return detector
+
+
+__all__ = ["FORMAT", "FittedRecord", "load", "read", "save"]

@@ -1,0 +1,163 @@
+"""Where a run writes: paths checked before any work, an output folder that belongs to one run.
+
+A prediction run lists every file it writes in ``manifest.json`` (written first, marked complete last), so
+that running again into the same folder never silently mixes two runs: it is refused unless the user asks
+for ``--overwrite``, which removes exactly the earlier run's files and nothing else. A folder is only created
+once the models are loaded, so a run that fails early leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from clipfusion.errors import InputError
+from clipfusion.outputs.files import atomic_write_text
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def _first_existing(path: Path) -> Path:
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def check_creatable(path: str | Path, option: str, what: str = "folder") -> None:
+    """Refuse, in one line, a path where nothing can be created: a parent that is a file, or a read-only
+    parent folder."""
+    path = Path(path)
+    existing = _first_existing(path.parent if what == "file" else path)
+    if existing != path and not existing.is_dir():
+        raise InputError(
+            f"{path}: cannot create this {what} for {option}: {existing} is a file, not a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot create this {what} for {option}: {existing} is not writable")
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """A file the run will write (``--save``, ``--log``): not a folder, its folder creatable."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: {option} names a folder; give a file name")
+    check_creatable(path, option, what="file")
+    return path
+
+
+def check_input_file(path: str | Path, option: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {option} file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: {option} must name a file, not a folder")
+    return path
+
+
+def check_input_folder(path: str | Path, option: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {option} folder not found")
+    if not path.is_dir():
+        raise InputError(f"{path}: {option} must name a folder, not a file")
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable run manifest ({exc}); choose another --out") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or "files" not in data:
+        raise InputError(f"{path}: not a clipfusion run manifest; choose another --out")
+    return data
+
+
+class OutputFolder:
+    """The output folder of one run (``--out``): checked up front, created on first use, owned through its
+    manifest.
+
+    ``check()`` runs before any model work; ``open(files)`` creates the folder (removing an earlier run's
+    files when ``overwrite`` is set) and writes the manifest listing ``files`` as not yet complete;
+    ``close()`` marks it complete.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, option: str = "--out") -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.option = option
+        self.manifest: dict[str, Any] = {}
+
+    def check(self) -> None:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: {self.option} names an existing file; give a folder")
+        check_creatable(path, self.option)
+        if not path.is_dir():
+            return
+        earlier = read_manifest(path)
+        if earlier is not None:
+            if not self.overwrite:
+                raise InputError(
+                    f"{path}: holds an earlier clipfusion run ({len(earlier['files'])} files listed in its "
+                    f"{MANIFEST}); add --overwrite to replace it, or choose another {self.option}"
+                )
+            return
+        foreign = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
+            raise InputError(
+                f"{path}: folder is not empty and holds no clipfusion run ({shown}); choose a new or empty "
+                f"{self.option} folder"
+            )
+
+    def open(self, files: Iterable[str], **details: Any) -> Path:
+        """Create the folder and claim it: an earlier run's files go (with ``overwrite``), the manifest
+        lists the files this run will write (relative paths) before any of them exists."""
+        self.check()
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            self._remove_earlier_run()
+        self.manifest = {
+            "format": MANIFEST_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": False,
+            **details,
+            "files": sorted(set(files)),
+        }
+        self._write_manifest()
+        return self.path
+
+    def close(self) -> None:
+        self.manifest["complete"] = True
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+
+    def _remove_earlier_run(self) -> None:
+        earlier = read_manifest(self.path)
+        if earlier is None:
+            return
+        root = self.path.resolve()
+        folders = set()
+        for rel in earlier["files"]:
+            target = (self.path / rel).resolve()
+            if root not in target.parents:  # a manifest never points outside its own folder
+                continue
+            if target.is_file():
+                target.unlink()
+            folders.update(p for p in target.parents if root in p.parents)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        (self.path / MANIFEST).unlink(missing_ok=True)
