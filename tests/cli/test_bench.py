@@ -46,3 +46,11 @@ def test_bench_refuses_too_few_images(tmp_path, capsys):
     image = save_image(tmp_path / "only.png", random_rgb(0, (64, 64)))
     assert main(["bench", "--preset", "tiny", "--images", str(image), "--shots", "1"]) == 2
     assert "needs at least 2" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unwritable_json_path_before_measuring(tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["bench", "--preset", "tiny", "--json", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "--json names a folder" in err and "Traceback" not in err and "loaded in" not in err

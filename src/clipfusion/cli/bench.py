@@ -46,11 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.cli.config import resolved_here
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs.files import atomic_write_text
+    from clipfusion.outputs.folders import check_output_file
     from clipfusion.runtime import cpu_features
     from clipfusion.speed import measure
 
     if args.shots < 0 or args.repeats < 1:
         raise ConfigError("--shots must be >= 0 and --repeats >= 1")
+    if args.json:  # checked before minutes of measuring, not when the figures are written
+        check_output_file(args.json, "--json")
     config = build_config(args)
     banner = random_weights_banner(config)
     if banner:
