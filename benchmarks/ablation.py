@@ -90,6 +90,16 @@ class ClassicAttention:
     def release_text_encoder(self) -> None:
         self.inner.release_text_encoder()
 
+    # the fitted state is the inner branch's: the attention processor changes no weight and no state
+    def state(self) -> Any:
+        return self.inner.state()
+
+    def load_state(self, state: Any) -> None:
+        self.inner.load_state(state)
+
+    def weights_fingerprint(self) -> str:
+        return self.inner.weights_fingerprint()
+
 
 def _vae_copy(vae: Any, *, contiguous: bool = False, inplace: bool = True) -> Any:
     vae = copy.deepcopy(vae)

