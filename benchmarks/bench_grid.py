@@ -36,7 +36,7 @@ import torch
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.evaluation import evaluate
-from clipfusion.evaluation.grid import evaluate_grid
+from clipfusion.evaluation.grid import build_config, evaluate_grid, grid_config_points
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID = {
@@ -119,12 +119,16 @@ def bench_preset(
     start = time.perf_counter()
     detector = CLIPFusion(config)
     build_s = time.perf_counter() - start
+    # the grid's detector keeps every block a point reads (the early exit drops the modules after the last
+    # block of the configuration it is built for), as `evaluate --grid` builds it
+    grid_detector = CLIPFusion(build_config(config, grid_config_points(config, GRID, work)))
     clock = ModelClock()
-    clock.wrap(detector.diffusion, "encode_latents", "vae")
-    clock.wrap(detector.diffusion, "run_unet", "unet")
-    clock.wrap(detector.diffusion, "maps_from_passes", "maps")
-    clock.wrap(detector.clip, "fit", "clip")
-    clock.wrap(detector.clip, "predict", "clip")
+    for built in (detector, grid_detector):
+        clock.wrap(built.diffusion, "encode_latents", "vae")
+        clock.wrap(built.diffusion, "run_unet", "unet")
+        clock.wrap(built.diffusion, "maps_from_passes", "maps")
+        clock.wrap(built.clip, "fit", "clip")
+        clock.wrap(built.clip, "predict", "clip")
     results = []
     for shots, seeds in scenarios:
         protocol = dict(
@@ -148,7 +152,7 @@ def bench_preset(
                 work / f"grid-{preset}",
                 config=config,
                 grid=GRID,
-                detector_factory=lambda _c: detector,
+                detector_factory=lambda _c: grid_detector,
                 **protocol,
             )
 

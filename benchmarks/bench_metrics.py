@@ -26,6 +26,10 @@ import scipy
 import sklearn
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+if __package__ in (None, ""):  # run as a script: import the package from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.machine import flags_line, machine_info
 from clipfusion.metrics import pixel_metrics
 from clipfusion.runtime import process_memory, reset_peak_memory
 
@@ -57,16 +61,6 @@ def measure(fn, repeat: int) -> tuple[list[float], int, object]:
         result = fn()
         times.append(time.perf_counter() - t0)
     return times, process_memory().get("peak_rss", 0), result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += [sk_line, ratio_line]
 
     if args.out != "-":
-        command = "cd /work/main && .venv/bin/python benchmarks/bench_metrics.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
+        command = "python benchmarks/bench_metrics.py " + " ".join(argv if argv is not None else sys.argv[1:])
         machine = [
-            f"- CPU: {cpu_model()}, `nproc` = {os.cpu_count()}",
+            f"- Machine: {flags_line(machine_info('cpu'))}, `nproc` = {os.cpu_count()}",
             f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
             f"scikit-learn {sklearn.__version__}",
             f"- run at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",

@@ -75,6 +75,21 @@ def test_bad_config_files_name_the_file(tmp_path):
         save_config(CLIPFusionConfig(), tmp_path / "cfg.yaml")
 
 
+def test_auto_is_the_default_dtype_except_for_the_tiny_test_preset():
+    assert CLIPFusionConfig().dtype == "auto"
+    assert load_preset("paper").dtype == load_preset("random-full").dtype == "auto"
+    assert load_preset("tiny").dtype == "float32"  # the same numbers on every machine for tests and demo
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_the_resolved_record_is_saved_and_ignored_when_read_back(tmp_path, suffix):
+    config = load_preset("random-full")
+    record = {"clip": {"device": "cpu", "dtype": "float32"}, "auto_dtype": "CPU without AMX (AVX2): float32"}
+    path = save_config(config, tmp_path / f"run{suffix}", resolved=record)
+    assert "resolved" in path.read_text() and "CPU without AMX" in path.read_text()
+    assert load_config(path) == config
+
+
 def test_placement_is_declared_once_and_inherited_unless_a_branch_overrides_it(tmp_path):
     config = load_preset("tiny").replace(**{"dtype": "bfloat16", "clip.dtype": "float32"})
     clip, diffusion = config.branch_configs()

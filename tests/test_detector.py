@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -223,6 +225,39 @@ def test_terms_leave_maps_out_of_the_fusion():
     ).fit("bottle")
     with pytest.raises(ConfigError, match="terms clip_V: none of these maps is computed here"):
         zero_shot.predict(_images(1))
+
+
+def test_the_run_records_what_auto_resolved_to(tmp_path):
+    from clipfusion.config import load_config
+
+    det = CLIPFusion.from_preset("tiny", device="cpu", dtype="auto")
+    record = det.resolved
+    assert record["clip"]["device"] == "cpu" and record["clip"]["dtype"] == str(det.clip.dtype)[6:]
+    assert record["diffusion"]["dtype"] == str(det.diffusion.dtype)[6:] and "auto_dtype" in record
+    path = det.save_config(tmp_path / "config.json")
+    saved = json.loads(path.read_text())
+    assert saved["dtype"] == "auto" and saved["resolved"] == record  # both: what was asked, what it became
+    assert load_config(path) == det.config
+    fake = fake_detector()  # injected branches without a dtype: the configuration's resolution
+    assert set(fake.resolved) >= {"clip", "diffusion"}
+
+
+def test_bfloat16_maps_and_scores_follow_float32():
+    """Everything after the models is float32 (attention probabilities, distances, maps, smoothing, fusion),
+    so bfloat16 weights move the outputs only by their own rounding."""
+    refs, queries = _images(2, 21, 96), _images(3, 22, 96)
+    fp32 = CLIPFusion.from_preset("tiny", device="cpu", dtype="float32").fit("screw", refs).predict(queries)
+    bf16 = CLIPFusion.from_preset("tiny", device="cpu", dtype="bfloat16").fit("screw", refs).predict(queries)
+    for name in ("clip_L", "clip_V", "diff_L", "diff_V"):
+        a = np.stack([r.maps[name] for r in fp32])
+        b = np.stack([r.maps[name] for r in bf16])
+        assert b.dtype == np.float32 and np.isfinite(b).all()
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99, name
+    fused_a = np.stack([r.anomaly_map for r in fp32])
+    fused_b = np.stack([r.anomaly_map for r in bf16])
+    assert np.corrcoef(fused_a.ravel(), fused_b.ravel())[0, 1] >= 0.99
+    scores = np.array([[a.score, b.score] for a, b in zip(fp32, bf16, strict=True)])
+    assert np.corrcoef(scores.T)[0, 1] >= 0.99
 
 
 def test_branches_are_known_by_the_protocol_alone():

@@ -58,3 +58,15 @@ def test_nothing_to_fuse_or_bad_mode_raises():
         fuse({}, None, alpha_map=0.25, alpha_score=0.75, sigma=0.0, output_size=8)
     with pytest.raises(ValueError, match="score_mode"):
         fuse(_maps(), None, alpha_map=0.25, alpha_score=0.75, sigma=0.0, output_size=16, score_mode="mean")
+
+
+def test_fusion_of_reduced_precision_maps_is_float32():
+    maps = {
+        "clip_L": torch.rand(2, 8, 8).to(torch.bfloat16),
+        "diff_L": torch.rand(2, 16, 16).to(torch.bfloat16),
+    }
+    anomaly_map, score, smoothed = fuse(
+        maps, torch.rand(2).to(torch.bfloat16), alpha_map=0.25, alpha_score=0.75, sigma=1.0, output_size=16
+    )
+    assert anomaly_map.dtype == score.dtype == torch.float32
+    assert all(m.dtype == torch.float32 for m in smoothed.values())

@@ -22,6 +22,16 @@ def test_sigma_zero_is_identity():
     assert torch.equal(gaussian_smooth(maps, 0.0), maps)
 
 
+def test_reduced_precision_maps_are_resized_and_smoothed_in_float32():
+    maps = torch.rand(2, 15, 15)
+    low = maps.to(torch.bfloat16)
+    resized = resize_maps(low, 64)
+    assert resized.dtype == torch.float32
+    assert torch.equal(resized, resize_maps(low.float(), 64))  # the upcast comes first, not after
+    smoothed = gaussian_smooth(low, sigma=2.0)
+    assert smoothed.dtype == torch.float32 and torch.equal(smoothed, gaussian_smooth(low.float(), 2.0))
+
+
 def test_resize_to_height_and_width_is_bilinear_and_keeps_bounds():
     maps = torch.rand(2, 3, 8, 8)
     out = resize_maps(maps, (12, 20))

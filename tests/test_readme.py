@@ -47,10 +47,10 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
 def test_every_option_the_readme_names_exists():
     import argparse
 
-    from clipfusion import bench
+    from benchmarks.settings import add_arguments
 
-    harness = argparse.ArgumentParser()  # `clipfusion bench` and the benchmark scripts
-    bench.add_arguments(harness)
+    harness = argparse.ArgumentParser()  # the benchmark scripts (`clipfusion bench` is a leaf parser)
+    add_arguments(harness)
     options = set()
     for parser in [build_parser(), *_leaf_parsers(build_parser()), harness]:
         for action in parser._actions:

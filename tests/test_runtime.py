@@ -27,3 +27,81 @@ def test_freed_heap_pages_go_back_to_the_system():
     return_freed_memory()
     assert rss_mb() < high - 150  # of the 256 MB freed
     del pin
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dtype "auto"
+
+
+def test_auto_rule_on_every_kind_of_machine():
+    from clipfusion.runtime import choose_dtype
+
+    assert choose_dtype("cpu", amx=False, capability="AVX2").dtype == torch.float32
+    assert choose_dtype("cpu", amx=False, capability="AVX512").dtype == torch.float32  # avx512_bf16 alone
+    assert choose_dtype("cpu", amx=True, bf16_speed=4.0).dtype == torch.bfloat16
+    slow = choose_dtype("cpu", amx=True, bf16_speed=0.8)  # the micro-check overrules the flag
+    assert slow.dtype == torch.float32 and "0.80×" in slow.reason
+    assert choose_dtype("cuda", bf16_native=False, gpu="T4").dtype == torch.float16
+    assert choose_dtype("cuda", bf16_native=True, gpu="H200", bf16_speed=0.99).dtype == torch.bfloat16
+    assert choose_dtype("cuda", bf16_native=True, gpu="X", bf16_speed=0.7).dtype == torch.float16
+    assert choose_dtype("mps").dtype == torch.float32
+
+
+def test_auto_is_resolved_once_per_process_from_torchs_probes(monkeypatch):
+    from clipfusion import runtime
+
+    runtime.auto_dtype_choice.cache_clear()
+    calls = []
+    monkeypatch.setattr(
+        torch.cpu, "get_capabilities", lambda: {"amx_tile": True, "amx_bf16": True, "cpu_name": "Xeon"}
+    )
+    monkeypatch.setattr(runtime, "measured_speed_ratio", lambda *a, **k: calls.append(a) or 3.5)
+    try:
+        assert runtime.cpu_features()["amx"] is True
+        assert runtime.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+        assert runtime.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+        assert len(calls) == 1  # the micro-check ran once
+        assert "AMX" in runtime.auto_dtype_choice(torch.device("cpu")).reason
+    finally:
+        runtime.auto_dtype_choice.cache_clear()
+
+
+def test_without_the_public_probe_the_private_one_is_used(monkeypatch):
+    from clipfusion import runtime
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.cpu_features()["amx"] is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert runtime.cpu_features()["amx"] is False
+
+
+def test_measured_speed_ratio_is_positive():
+    from clipfusion.runtime import measured_speed_ratio
+
+    ratio = measured_speed_ratio(torch.float32, torch.float32, torch.device("cpu"), repeats=1)
+    assert 0.2 < ratio < 5  # the same dtype against itself: about 1, whatever the noise
+
+
+def test_explicit_dtypes_still_work_and_bad_names_are_refused():
+    from clipfusion.errors import ConfigError
+    from clipfusion.runtime import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="float16 is only supported on CUDA"):
+        resolve_dtype("float16", cpu)
+    with pytest.raises(ConfigError, match="auto, float32"):
+        resolve_dtype("half", cpu)
+
+
+def test_placement_record_names_what_auto_became():
+    from clipfusion.config import load_preset
+    from clipfusion.runtime import auto_dtype, dtype_name, resolve_placement
+
+    record = resolve_placement(load_preset("random-full").replace(device="cpu"))
+    resolved = dtype_name(auto_dtype("cpu"))
+    assert record["clip"] == record["diffusion"] == {"device": "cpu", "dtype": resolved}
+    assert record["auto_dtype"].startswith("CPU") and record["auto_dtype"].endswith(resolved)
+    explicit = resolve_placement(load_preset("tiny").replace(device="cpu", use_clip=False))
+    assert explicit == {"diffusion": {"device": "cpu", "dtype": "float32"}}  # no rule to explain

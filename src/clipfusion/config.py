@@ -43,8 +43,11 @@ DEFAULT_DIFFUSION_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 ATTENTION_NORMALISERS = ("prompt", "words", "sequence")
 
 DEFAULT_DEVICE = "auto"
-DEFAULT_DTYPE = "float32"
+#: resolved per device by :func:`clipfusion.runtime.auto_dtype` (float32, bfloat16 or float16)
+DEFAULT_DTYPE = "auto"
 DEFAULT_OUTPUT_SIZE = 256
+#: the table of a saved configuration that records what ``auto`` resolved to (ignored when reading it back)
+RESOLVED_KEY = "resolved"
 
 
 class _Placement:
@@ -136,9 +139,10 @@ class MapDiffConfig(_Placement):
     up_blocks.1), ``distance`` (cosine: how ``diff_V`` compares a feature with the memory bank),
     ``attention_normaliser`` ("prompt": the state-word attention divided by the attention on every prompt
     token but the start token, i.e. the words and the end token; "words": the words only; "sequence": all 76
-    positions after the start token, padding included) and ``early_exit`` (stop the UNet after the last block
-    a map reads; the maps are identical, the time is not) and ``channels_last`` (the VAE convolves in NHWC
-    layout: same values up to rounding, faster on CPUs and GPUs) and ``compile`` (``torch.compile`` the VAE
+    positions after the start token, padding included) and ``early_exit`` (stop the UNet as soon as every
+    layer a map reads has run, and drop the blocks it never reaches when loading; the maps are identical,
+    the time and memory are not) and ``channels_last`` (the VAE convolves in NHWC layout: same values up to
+    rounding, faster on CPUs and GPUs) and ``compile`` (``torch.compile`` the VAE
     encoder, the largest single cost: a one-off compile of about a minute per batch shape, then about 20 %
     less VAE time on a CPU; off by default).
     """
@@ -430,15 +434,26 @@ def load_config(path: str | Path) -> CLIPFusionConfig:
             raise ConfigError(f"{path}: configuration files must end in .json or .toml")
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if isinstance(data, dict):
+        data.pop(RESOLVED_KEY, None)  # a record of where the file was written; the options are the rest
     return from_dict(CLIPFusionConfig, data, where=str(path))
 
 
-def save_config(config: CLIPFusionConfig, path: str | Path) -> Path:
-    """Write ``.json`` or ``.toml`` (chosen by the suffix), atomically."""
+def save_config(
+    config: CLIPFusionConfig, path: str | Path, *, resolved: dict[str, Any] | None = None
+) -> Path:
+    """Write ``.json`` or ``.toml`` (chosen by the suffix), atomically.
+
+    ``resolved`` (what ``"auto"`` resolved to where the file was written, see
+    :func:`clipfusion.runtime.resolve_placement`) is stored as a ``resolved`` table beside the options: a
+    record of the run, not an option, so :func:`load_config` ignores it.
+    """
     from clipfusion.outputs.files import atomic_write_bytes
 
     path = Path(path)
     data = config.to_dict()
+    if resolved:
+        data[RESOLVED_KEY] = resolved
     if path.suffix.lower() == ".json":
         payload = json.dumps(data, indent=2).encode()
     elif path.suffix.lower() == ".toml":

@@ -22,7 +22,7 @@ from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_c
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, fuse_components
 from clipfusion.progress import progress_bar
-from clipfusion.runtime import free_device_memory, return_freed_memory
+from clipfusion.runtime import dtype_name, free_device_memory, resolve_placement, return_freed_memory
 
 ImageLike = str | Path | Image.Image
 log = logging.getLogger(__name__)
@@ -176,7 +176,21 @@ class CLIPFusion:
         return cls(load_config(path), weights_dir=weights_dir)
 
     def save_config(self, path: str | Path) -> Path:
-        return save_config(self.config, path)
+        """The configuration, with what ``"auto"`` resolved to here as its ``resolved`` record."""
+        return save_config(self.config, path, resolved=self.resolved)
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """Where each branch runs and in which dtype, ``"auto"`` resolved (``{"clip": {"device": "cpu",
+        "dtype": "float32"}, "diffusion": {...}, "auto_dtype": "<the rule's reason>"}``): the record a run
+        keeps beside the configuration. Taken from the branches themselves where they say (an injected
+        branch may run elsewhere than the configuration says)."""
+        record = resolve_placement(self.config)
+        for branch in self.branches:
+            device, dtype = getattr(branch, "device", None), getattr(branch, "dtype", None)
+            if isinstance(device, torch.device) and isinstance(dtype, torch.dtype):
+                record[branch.name] = {"device": str(device), "dtype": dtype_name(dtype)}
+        return record
 
     # -- a fitted detector on disk ------------------------------------------------------------------------
     def save(self, directory: str | Path, thresholds: Thresholds | None = None) -> Path:

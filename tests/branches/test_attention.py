@@ -19,7 +19,8 @@ from clipfusion.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def tiny() -> MapDiff:
-    return MapDiff.from_preset("tiny", device="cpu")
+    # early_exit=false keeps the whole UNet (a branch loaded for the early exit drops its unreached blocks)
+    return MapDiff.from_preset("tiny", device="cpu", early_exit=False)
 
 
 def images(n: int, seed: int = 0, size: int = 96) -> list[Image.Image]:

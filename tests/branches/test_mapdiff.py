@@ -51,25 +51,74 @@ def test_stop_block_follows_the_unet_execution_order() -> None:
     assert stop_block(["up_blocks.1", "conv_out"]) is None  # an output layer needs the full pass
 
 
-def test_early_exit_gives_the_maps_of_a_full_pass(tiny: MapDiff, batch) -> None:
-    calls = []
-    handle = tiny.unet.up_blocks[3].register_forward_hook(lambda *a: calls.append(1))
+@pytest.fixture(scope="module")
+def whole() -> MapDiff:
+    """The tiny branch loaded for full passes: the same seeded weights, no UNet module dropped."""
+    return MapDiff.from_preset("tiny", device="cpu", early_exit=False)
+
+
+def test_early_exit_gives_the_maps_of_a_full_pass(whole: MapDiff, batch) -> None:
+    calls = {"up_blocks.3": 0, "up_blocks.2.upsamplers.0": 0}
+    modules = dict(whole.unet.named_modules())
+    handles = [
+        modules[name].register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name in calls
+    ]
     try:
-        early = tiny.run_unet(batch["sample"], batch["states"], early_exit=True)
-        assert not calls and early.noise_pred is None  # up_blocks.3 and the output layers were skipped
-        full = tiny.run_unet(batch["sample"], batch["states"], early_exit=False)
-        assert calls and full.noise_pred is not None
+        early = whole.run_unet(batch["sample"], batch["states"], early_exit=True)
+        # the pass ended at the last captured attention layer: neither the rest of up_blocks.2 nor later ran
+        assert calls == {"up_blocks.3": 0, "up_blocks.2.upsamplers.0": 0} and early.noise_pred is None
+        full = whole.run_unet(batch["sample"], batch["states"], early_exit=False)
+        assert calls == {"up_blocks.3": 1, "up_blocks.2.upsamplers.0": 1} and full.noise_pred is not None
     finally:
-        handle.remove()
-    assert early.attention.keys() == full.attention.keys()
+        for handle in handles:
+            handle.remove()
+    assert early.attention.keys() == full.attention.keys() == set(whole.attention_layers)
     for name in full.attention:
         assert torch.equal(early.attention[name], full.attention[name])
+    assert early.features.keys() == full.features.keys()
     for name in full.features:
         assert torch.equal(early.features[name], full.features[name])
     refs, queries = images(2, seed=1), images(2, seed=2)
-    maps = [variant(tiny, early_exit=e).fit("screw", refs).predict(queries) for e in (True, False)]
+    maps = [variant(whole, early_exit=e).fit("screw", refs).predict(queries) for e in (True, False)]
     for key in ("diff_L", "diff_V"):
         assert torch.equal(maps[0][key], maps[1][key])
+
+
+def test_unreached_unet_modules_are_dropped_and_the_maps_do_not_change(tiny: MapDiff, whole: MapDiff) -> None:
+    assert tiny.dropped_modules == ["up_blocks.3", "conv_norm_out", "conv_out"]
+    assert whole.dropped_modules == []
+    kept = sum(p.numel() for p in tiny.unet.parameters())
+    assert kept < sum(p.numel() for p in whole.unet.parameters())
+    refs, queries = images(2, seed=5), images(2, seed=6)
+    dropped = variant(tiny).fit("nut", refs).predict(queries)
+    full = variant(whole).fit("nut", refs).predict(queries)  # same seeded weights, whole UNet
+    for key in ("diff_L", "diff_V"):
+        assert torch.equal(dropped[key], full[key]), key
+    with pytest.raises(ConfigError, match="dropped"):  # a full pass needs what was dropped
+        variant(tiny, early_exit=False)
+    sample = tiny.unet_input(tiny.encode_latents(tiny.preprocess(queries)))
+    with pytest.raises(ConfigError, match="dropped"):
+        tiny.run_unet(sample, tiny.prompt_embeddings("nut", "damage"), early_exit=False)
+    with pytest.raises(ConfigError, match="dropped"):  # a block after the drop cannot be read either
+        tiny.run_unet(sample, tiny.prompt_embeddings("nut", "damage"), feature_blocks=["up_blocks.3"])
+
+
+def test_inplace_activations_give_the_same_latents(tiny: MapDiff) -> None:
+    import copy
+
+    from clipfusion.branches.mapdiff import use_inplace_activations
+
+    silus = [m for m in tiny.vae.encoder.modules() if isinstance(m, torch.nn.SiLU)]
+    assert silus and all(m.inplace for m in silus)  # switched on when the branch was loaded
+    plain_vae = copy.deepcopy(tiny.vae)
+    for module in plain_vae.encoder.modules():
+        if isinstance(module, torch.nn.SiLU):
+            module.inplace = False
+    plain = MapDiff(plain_vae, tiny.unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler, tiny.config)
+    pixels = tiny.preprocess(images(2, seed=7))
+    assert torch.equal(tiny.encode_latents(pixels), plain.encode_latents(pixels))
+    assert use_inplace_activations(plain_vae.encoder) == len(silus)
 
 
 def test_state_word_positions_single_token(tiny: MapDiff) -> None:
@@ -341,3 +390,17 @@ def test_native_maps_are_the_grid_that_the_output_maps_resize(tiny: MapDiff) -> 
     assert native["diff_L"].shape == native["diff_V"].shape == (3, 32, 32)
     for name in ("diff_L", "diff_V"):
         assert torch.equal(resize_maps(native[name], branch.config.output_size), resized[name])
+
+
+def test_bfloat16_unet_gives_float32_attention_and_maps() -> None:
+    branch = MapDiff.from_preset("tiny", device="cpu", dtype="bfloat16")
+    assert branch.dtype == torch.bfloat16
+    refs, queries = images(1, seed=13), images(1, seed=14)
+    branch.fit("gear", refs)
+    z0 = branch.encode_latents(branch.preprocess(queries))
+    assert z0.dtype == torch.float32  # the latents leave the VAE in float32 (noise is added in float32)
+    capture = branch.run_unet(branch.unet_input(z0), branch.prompt_embeddings("gear", "damage"))
+    assert {a.dtype for a in capture.attention.values()} == {torch.float32}  # softmax in float32
+    assert branch.attention_map(capture, branch.prompts["damage"]).dtype == torch.float32
+    bank = branch.memory_bank[("damage", 0)]
+    assert branch.feature_distance(capture, bank).dtype == torch.float32

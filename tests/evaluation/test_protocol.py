@@ -10,6 +10,7 @@ from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.errors import InputError
 from clipfusion.evaluation import CSV_COLUMNS, METRIC_COLUMNS, evaluate
+from clipfusion.runtime import resolve_placement
 from fakes import FakeBranch
 
 
@@ -52,6 +53,7 @@ def test_writes_three_files_with_sane_values(synthetic_root, tmp_path, config):
         assert row["weights"] in {"pretrained", "random"}
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["config"] == config.to_dict()
+    assert data["resolved"] == resolve_placement(config)  # where it ran, beside what was asked
     assert "torch" in data["versions"]
     few = [r for r in data["runs"] if r["shots"] == 2]
     assert all(len(r["references"]) == 2 for r in few)

@@ -1,5 +1,6 @@
 """The ``clipfusion`` command: one module per subcommand (``predict.py``, ``fit.py``, ``evaluate.py``,
-``serve.py``, ``sweep.py``, ``demo.py``, ``weights.py``, ``config.py``), options they share in ``options.py``.
+``serve.py``, ``sweep.py``, ``demo.py``, ``weights.py``, ``config.py``, ``bench.py``), options they share in
+``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
 status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from clipfusion import __version__
-from clipfusion.cli import config, demo, evaluate, fit, predict, serve, sweep, weights
+from clipfusion.cli import bench, config, demo, evaluate, fit, predict, serve, sweep, weights
 from clipfusion.cli.options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -28,7 +29,7 @@ from clipfusion.cli.options import (
 from clipfusion.errors import ClipfusionError, WeightsUnavailableError
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
-COMMANDS = (evaluate, sweep, predict, fit, serve, demo, weights, config)
+COMMANDS = (evaluate, sweep, predict, fit, serve, demo, weights, config, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.register(sub)
     for leaf in _leaf_parsers(parser):
         add_common_options(leaf)
-    # `clipfusion bench ARGS` is handed whole to the benchmark's own parser (see main)
-    sub.add_parser(
-        "bench", help="speed and memory benchmark against anomalib WinCLIP (benchmarks/RESULTS.md)"
-    )
     return parser
 
 
@@ -62,10 +59,6 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from clipfusion import bench
-
-        return bench.main(argv[1:], prog="clipfusion bench")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

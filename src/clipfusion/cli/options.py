@@ -156,7 +156,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="override any option, e.g. --set alpha_map=0.3 --set clip.patch_mode=crops",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 … (default: auto)")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model precision")
+    group.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="model precision (default auto: bfloat16 on CPUs with AMX, float16 or bfloat16 on CUDA, "
+        "else float32)",
+    )
     group.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     add_weights_option(group)
 

@@ -267,6 +267,8 @@ def evaluate(
         detector = CLIPFusion(config, weights_dir=weights_dir)
     else:
         detector = detector_factory(config)
+    if hasattr(detector, "resolved"):  # what "auto" became on this machine, beside the configuration
+        store.header["resolved"] = detector.resolved
     # every category's prompts are computed now; the text encoders are then dead weight
     detector.prepare(dict.fromkeys(key.category for key in todo)).release_text_encoders()
     size = config.output_size

@@ -1,8 +1,8 @@
 """The result files of an evaluation, rewritten atomically after every finished run.
 
 ``results.csv`` (one row per category, shots and seed; metrics as fractions), ``results.json`` (the same plus
-configuration, reference files, timings and software versions) and ``summary.md`` (per-category tables,
-mean ± std over seeds, in percent).
+configuration, what its ``auto`` placement resolved to, reference files, timings and software versions) and
+``summary.md`` (per-category tables, mean ± std over seeds, in percent).
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ class ResultStore:
                     "use another --out folder or the same options"
                 )
             self.runs = list(previous.get("runs", []))
+            if "resolved" in previous:  # kept when nothing is left to run (a detector would replace it)
+                self.header.setdefault("resolved", previous["resolved"])
         elif not resume and json_path.exists():
             # a fresh run replaces old results rather than mixing with them
             self.runs = []

@@ -1,0 +1,187 @@
+"""Peak resident memory of one configuration, in a fresh process per configuration (so peaks do not mix).
+
+``VmHWM`` over the whole life (build included), and during inference alone after resetting the high-water
+mark (``echo 5 > /proc/self/clear_refs``); on CUDA ``torch.cuda.max_memory_allocated``. Each worker also
+writes its maps for the faithfulness comparison, and its per-image time (one call, in a fresh process: the
+only timing a dtype too slow to interleave gets).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import GB, OBJECT, build_detector, cycle, dtype_label, load_inputs
+from benchmarks.faithfulness import collect_outputs
+
+#: what a memory worker imports, loaded once by the fork server so that each worker starts in a second
+#: instead of repeating ~20 s of imports (torch, open_clip with torchvision, diffusers, transformers)
+WORKER_PRELOAD = (
+    "torch",
+    "numpy",
+    "PIL.Image",
+    "open_clip",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.schedulers.scheduling_ddpm",
+    "transformers.models.clip.modeling_clip",
+    "benchmarks.memory",
+    "clipfusion.detector",
+    "clipfusion.branches.patchclip",
+    "clipfusion.branches.mapdiff",
+    "clipfusion.models.clip",
+    "clipfusion.models.diffusion",
+)
+
+
+def undo_memory_optimisations(det: Any) -> None:
+    """The "before" of the memory table: the VAE's activations out of place again (the UNet was built with
+    ``early_exit=false``, so nothing of it was dropped)."""
+    diffusion = getattr(det, "diffusion", None)
+    if diffusion is not None:
+        for module in diffusion.vae.encoder.modules():
+            if isinstance(module, torch.nn.SiLU):
+                module.inplace = False
+
+
+def memory_worker(spec_path: str | Path) -> int:
+    """One configuration in a fresh process: build, fit k references, predict the queries at batch 1.
+
+    Records ``VmHWM`` after build + fit (the whole life so far), then resets it and records it again after
+    inference (the inference peak alone); writes the outputs for the faithfulness comparison.
+    """
+    from clipfusion.runtime import process_memory, reset_peak_memory
+
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    start_status = process_memory()
+    start = time.perf_counter()
+    det = build_detector(spec["preset"], spec["overrides"])
+    if spec.get("plain"):
+        undo_memory_optimisations(det)
+    build_s = time.perf_counter() - start
+    references, queries = load_inputs(Path(spec["data"]))
+    # as `clipfusion predict` and `evaluate` do: the text embeddings are cached, the encoders dropped
+    det.fit(OBJECT, references[: spec["shots"]]).release_text_encoders()
+    loaded = process_memory()
+    cuda = spec["device"].startswith("cuda")
+    if cuda:
+        load_vram = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    reset = reset_peak_memory()
+    start = time.perf_counter()
+    outputs = collect_outputs(det, cycle(queries, spec["n_images"]))
+    infer_s = time.perf_counter() - start
+    done = process_memory()
+    np.savez(spec["outputs"], **outputs)
+    batch = int(spec.get("batch") or 1)
+    if cuda:
+        inference_vram = torch.cuda.max_memory_allocated()
+        if batch > 1:  # the throughput batch's VRAM (the GPU run's figure at batch 16)
+            torch.cuda.reset_peak_memory_stats()
+            det.predict(cycle(queries, batch), batch_size=batch)
+    result = {
+        "dtype": dtype_label(det),
+        "resolved": det.resolved,
+        "rss_after_imports_gb": start_status.get("rss", 0) / GB,
+        "rss_after_load_gb": loaded.get("rss", 0) / GB,
+        "peak_load_gb": loaded.get("peak_rss", 0) / GB,
+        "peak_inference_gb": done.get("peak_rss", 0) / GB if reset else None,
+        "peak_life_gb": max(loaded.get("peak_rss", 0), done.get("peak_rss", 0)) / GB,
+        "hwm_reset": reset,
+        "build_s": build_s,
+        "inference_s_per_image": infer_s / max(1, spec["n_images"]),
+        "images": spec["n_images"],
+        "shots": spec["shots"],
+    }
+    if cuda:
+        result["vram_load_gb"] = load_vram / GB
+        result["vram_inference_gb"] = inference_vram / GB
+        if batch > 1:
+            result["vram_batch_gb"], result["batch"] = torch.cuda.max_memory_allocated() / GB, batch
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def start_worker_server() -> Any:
+    """The ``forkserver`` context the memory workers start from, its server launched now (its imports run
+    in the background). Each worker is a fresh process forked from that server, not from this one: its
+    peaks are its own, it inherits no model memory and no OpenMP state (forking a process that has run
+    OpenMP work can hang), and it starts with the imports done, as a fresh interpreter would after them."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    forkserver.ensure_running()
+    return context
+
+
+class MemoryRun:
+    """A memory worker process for one configuration; ``start`` launches it, ``wait`` returns its result.
+
+    ``name`` labels the row (``float32``, ``auto``, ``float32, before``); ``plain`` undoes the memory
+    optimisations (the UNet is built whole and the VAE's activations allocate) to show what they saved.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        preset: str,
+        overrides: dict[str, Any],
+        device: str,
+        data: Path,
+        workdir: Path,
+        n_images: int,
+        threads: int | None,
+        target_gb: float | None = None,
+        plain: bool = False,
+        batch: int = 1,
+    ) -> None:
+        self.name = name
+        self.target_gb = target_gb
+        slug = name.replace(" ", "_").replace(",", "")
+        self.spec_path = workdir / f"memory-{slug}.json"
+        self.result_path = workdir / f"memory-{slug}.result.json"
+        self.outputs = workdir / f"outputs-{slug}.npz"
+        spec = {
+            "preset": preset,
+            "overrides": overrides,
+            "device": device,
+            "data": str(data),
+            "shots": 1,
+            "n_images": n_images,
+            "outputs": str(self.outputs),
+            "result": str(self.result_path),
+            "threads": threads,
+            "plain": plain,
+            "batch": batch,
+        }
+        self.spec_path.write_text(json.dumps(spec))
+        self.process: Any = None
+
+    def start(self, context: Any) -> MemoryRun:
+        self.process = context.Process(target=memory_worker, args=(str(self.spec_path),), daemon=True)
+        self.process.start()
+        return self
+
+    def wait(self) -> dict[str, Any]:
+        assert self.process is not None
+        self.process.join()
+        if self.process.exitcode != 0 or not self.result_path.exists():
+            raise RuntimeError(
+                f"memory worker ({self.name}) exited with code {self.process.exitcode} (traceback above)"
+            )
+        result = json.loads(self.result_path.read_text())
+        result["name"] = self.name
+        result["target_gb"] = self.target_gb
+        if self.target_gb is not None and result.get("peak_inference_gb") is not None:
+            result["pass_inference"] = result["peak_inference_gb"] < self.target_gb
+        return result
