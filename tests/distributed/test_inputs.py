@@ -2,6 +2,7 @@
 the same output names as a local run. No Ray, no model."""
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -89,10 +90,11 @@ def test_every_input_problem_is_reported_at_once(tree):
                 "ints.parquet",
                 "broken.parquet",
                 "s3://bucket/x.png",
+                Path("gs://bucket/y.png"),  # as the command line hands it over: gs:/bucket/y.png
             ]
         )
     problems = caught.value.problems
-    assert len(problems) == 8
+    assert len(problems) == 9
     for name, words in [
         ("missing.png", "no such file or folder"),
         ("empty", "folder contains no images"),
@@ -102,6 +104,7 @@ def test_every_input_problem_is_reported_at_once(tree):
         ("ints.parquet", "not text"),
         ("broken.parquet", "cannot read this list"),
         ("s3://bucket/x.png", "URLs are not supported"),
+        ("gs:/bucket/y.png", "URLs are not supported"),
     ]:
         assert any(p.startswith(name + ":") and words in p for p in problems), (name, problems)
 
@@ -118,8 +121,6 @@ def test_a_million_listed_paths_resolve_without_a_slow_loop(tmp_path):
 
 
 def test_unique_names_equal_the_local_runs_on_colliding_stems():
-    from pathlib import Path
-
     import numpy as np
 
     rng = np.random.default_rng(0)

@@ -258,3 +258,21 @@ def test_a_worker_that_cannot_load_the_fit_stops_the_run_in_one_line(data, clust
         distributed.predict(fitted, images, tmp_path / "out", progress=False)
     assert str(e.value).startswith(f"a Ray worker failed: {fitted}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()  # a run that could not start leaves no folder
+
+
+def test_per_image_colour_scales_are_drawn_while_scoring(data, cluster, tmp_path):
+    from PIL import Image
+
+    from clipfusion.data import load_image
+    from clipfusion.outputs import report
+
+    images = sorted((data["root"] / "bottle_cap" / "test" / "good").iterdir())[:3]
+    summary = distributed.predict(data["fitted"], images, tmp_path / "out", normalize="image", progress=False)
+    assert summary.scored == 3 and summary.workers == 1
+    assert not list((tmp_path / "out" / records.PARTS).glob("overlays-*"))  # no second pass
+    for row in _rows(tmp_path / "out"):
+        anomaly_map = np.load(tmp_path / "out" / row["map"])
+        heat = report.normalise(anomaly_map, float(anomaly_map.min()), float(anomaly_map.max()))
+        expected = np.asarray(report.overlay(load_image(row["path"]), heat))
+        with Image.open(tmp_path / "out" / row["overlay"]) as drawn:
+            np.testing.assert_array_equal(np.asarray(drawn.convert("RGB")), expected)

@@ -48,7 +48,8 @@ def _worker(out, **options):
 def _batch(paths, masks=True):
     rows = []
     for i, path in enumerate(paths):
-        row = {"index": i, "path": str(path), "source": str(path), "map": f"maps/{i}.npy"}
+        # the path as the user gave it (what every message names) and the absolute one a worker opens
+        row = {"index": i, "path": f"given/{path.name}", "source": str(path), "map": f"maps/{i}.npy"}
         row.update(overlay=f"overlays/{i}.png", **({"mask": f"masks/{i}.png"} if masks else {}))
         rows.append(row)
     return pa.Table.from_pylist(rows)
@@ -66,8 +67,8 @@ def test_a_batch_with_a_bad_file_and_a_failing_image_still_scores_the_rest(tmp_p
     records = worker(_batch([good[0], bad, failing, good[1]])).to_pylist()
 
     assert [r["status"] for r in records] == [OK, SKIPPED, FAILED, OK]
-    assert records[1]["problem"].startswith(f"{bad}: ")
-    assert records[2]["problem"] == f"{failing}: RuntimeError: boom"
+    assert records[1]["problem"].startswith("given/bad.png: not an image file")
+    assert records[2]["problem"] == "given/red.png: RuntimeError: boom"
     assert worker.detector.calls == [3, 1, 1, 1]  # the batch failed, then each image alone
     for i in (0, 3):
         saved = np.load(out / f"maps/{i}.npy")
@@ -76,6 +77,15 @@ def test_a_batch_with_a_bad_file_and_a_failing_image_still_scores_the_rest(tmp_p
         with Image.open(out / f"masks/{i}.png") as mask, Image.open(out / f"overlays/{i}.png") as overlay:
             assert mask.size == overlay.size == (40, 36) and overlay.text["clipfusion-weights"] == "random"
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["0.npy", "3.npy"]  # no temporary left
+
+
+def test_an_output_that_cannot_be_written_fails_that_image_not_the_task(tmp_path):
+    image = save_image(tmp_path / "a.png", random_rgb(3, (40, 40)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "maps").write_text("a file where the maps folder should be")
+    records = _worker(out)(_batch([image], masks=False)).to_pylist()
+    assert records[0]["status"] == FAILED and "cannot write its outputs" in records[0]["problem"]
 
 
 def test_the_overlay_pass_draws_on_the_given_scale_and_records_a_vanished_image(tmp_path):
@@ -87,7 +97,7 @@ def test_the_overlay_pass_draws_on_the_given_scale_and_records_a_vanished_image(
     batch = _batch([image, tmp_path / "gone.png"], masks=False)
     records = draw_overlays(batch, out=str(out), vmin=0.0, vmax=2.0, png_text={}).to_pylist()
     assert [r["status"] for r in records] == [OK, FAILED]
-    assert records[1]["problem"].startswith(f"{tmp_path / 'gone.png'}: file not found")
+    assert records[1]["problem"] == "given/gone.png: file not found"
     assert (records[0]["vmin"], records[0]["vmax"]) == (0.0, 2.0)
     with Image.open(out / "overlays" / "0.png") as drawn:
         assert drawn.size == (32, 32)

@@ -24,7 +24,12 @@ from clipfusion.outputs.report import REPORT_TOP
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
-    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        help="image files or folders (with --engine ray also .txt, .csv or .parquet lists of paths)",
+    )
     p.add_argument(
         "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
     )

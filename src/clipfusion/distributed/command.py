@@ -7,6 +7,7 @@ machine, once (``clipfusion fit --calibrate``), and every worker must use the ve
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from clipfusion.cli.options import EXIT_ERROR, EXIT_OK, EXIT_USAGE, err, say, show_progress, warn, weights_dir
 from clipfusion.errors import ConfigError
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         f"({summary.images_per_second:.2f} images/s this run)"
     )
     status = EXIT_OK
+    if summary.scored == 0:
+        err("no input image could be scored (see skipped.csv)")
+        status = EXIT_USAGE
     if summary.skipped:
         report = err if not args.skip_bad else warn
         _lines(report, summary.skipped, "unreadable")
@@ -77,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
     if summary.failed:
         _lines(err, summary.failed, "failed")
         err(f"{len(summary.failed)} images could not be scored; --resume tries them again")
-        status = EXIT_ERROR
+        status = status or EXIT_ERROR  # an input problem (2) already reported stays the exit status
     return status
 
 
-def _lines(emit, items: list[tuple[str, str]], what: str) -> None:
+def _lines(emit: Callable[[str], None], items: list[tuple[str, str]], what: str) -> None:
     for _path, problem in items[:SHOWN]:
         emit(f"{what}: {problem}")
     if len(items) > SHOWN:

@@ -17,6 +17,7 @@ Nothing in this module imports Ray.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,6 +114,11 @@ def _read_list(path: Path) -> pa.Array:
     return column.filter(pc.not_equal(column, ""))
 
 
+def is_url(item: str | Path) -> bool:
+    """``s3://…``, ``gs://…``, ``https://…`` — also after ``Path`` has folded the two slashes into one."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(item)) is not None
+
+
 def is_list_file(path: Path) -> bool:
     return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
 
@@ -129,7 +135,7 @@ def resolve_inputs(items: Sequence[str | Path]) -> pa.Table:
     parts: list[pa.Table] = []
     problems: list[str] = []
     for item in items:
-        if "://" in str(item):
+        if is_url(item):
             problems.append(
                 f"{item}: URLs are not supported as inputs; give paths every worker can read (a shared or "
                 "mounted file system)"
@@ -210,4 +216,4 @@ def with_output_names(table: pa.Table, *, masks: bool) -> pa.Table:
     return table
 
 
-__all__ = ["LIST_SUFFIXES", "is_list_file", "output_stems", "resolve_inputs", "with_output_names"]
+__all__ = ["LIST_SUFFIXES", "is_list_file", "is_url", "output_stems", "resolve_inputs", "with_output_names"]

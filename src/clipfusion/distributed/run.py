@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipfusion.distributed import records as rec
-from clipfusion.distributed.inputs import resolve_inputs, with_output_names
+from clipfusion.distributed.inputs import is_url, resolve_inputs, with_output_names
 from clipfusion.distributed.worker import (
     FAILED,
     OK,
@@ -349,7 +349,7 @@ def predict(
         raise ConfigError(f"--report-top must be at least 1, got {report_top}")
     if resume and overwrite:
         raise ConfigError("give either --resume or --overwrite, not both")
-    if "://" in str(out):
+    if is_url(out):
         raise ConfigError(
             f"{out}: --out must be a folder path every worker can write (a shared or mounted file system); "
             "URLs are not supported"
@@ -528,6 +528,7 @@ def predict(
         left_out = joined.filter(pc.invert(ok))
         skipped: list[tuple[str, str]] = []
         failed: list[tuple[str, str]] = []
+        left_rows: list[tuple[str, str]] = []  # both, in input order (as a local run lists them)
         lost_line = (
             f"not scored: its batch failed on every try ({MAX_TASK_RETRIES + 1} workers died on it); "
             "run again with --resume"
@@ -540,9 +541,10 @@ def predict(
         ):
             if state == OK:
                 state, problem = FAILED, overlay_problems.get(path) or f"{path}: overlay missing"
-            (skipped if state == SKIPPED else failed).append((path, problem or f"{path}: {lost_line}"))
-        if skipped or failed:
-            write_skipped_csv(root / "skipped.csv", skipped + failed)
+            left_rows.append((path, problem or f"{path}: {lost_line}"))
+            (skipped if state == SKIPPED else failed).append(left_rows[-1])
+        if left_rows:
+            write_skipped_csv(root / "skipped.csv", left_rows)
             folder.manifest["files"] = sorted(set(folder.manifest["files"]) | {"skipped.csv"})
         else:
             (root / "skipped.csv").unlink(missing_ok=True)

@@ -78,6 +78,12 @@ def _load(source: str) -> Any:
         return f"{source}: {_one_line(exc)}"
 
 
+def _as_given(problem: str, row: dict[str, Any]) -> str:
+    """A loader's ``"<source>: problem"`` line with the path as the user gave it (as a local run says it)."""
+    source = row["source"]
+    return row["path"] + problem[len(source) :] if problem.startswith(f"{source}: ") else problem
+
+
 def _draw_overlay(
     image: Any, anomaly_map: np.ndarray, vmin: float, vmax: float, path: Path, text: dict
 ) -> None:
@@ -184,20 +190,24 @@ class ScoreBatch:
             }
             item = loaded[i]
             if isinstance(item, str):
-                record.update(status=SKIPPED, problem=item)
+                record.update(status=SKIPPED, problem=_as_given(item, row))
             elif isinstance(results[i], BaseException):
                 record.update(status=FAILED, problem=f"{row['path']}: {_one_line(results[i])}")
             else:
                 result = results[i]
                 anomaly_map = result.anomaly_map
-                report.save_npy(anomaly_map, self.out / row["map"])
                 low, high = float(anomaly_map.min()), float(anomaly_map.max())
-                if self.pixel_threshold is not None:
-                    mask = report.mask_image(anomaly_map > self.pixel_threshold, item.size)
-                    report.save_png(mask, self.out / row["mask"], text=self.png_text)
-                if self.overlays:
-                    _draw_overlay(item, anomaly_map, low, high, self.out / row["overlay"], self.png_text)
-                record.update(score=float(result.score), map_min=low, map_max=high)
+                try:
+                    report.save_npy(anomaly_map, self.out / row["map"])
+                    if self.pixel_threshold is not None:
+                        mask = report.mask_image(anomaly_map > self.pixel_threshold, item.size)
+                        report.save_png(mask, self.out / row["mask"], text=self.png_text)
+                    if self.overlays:
+                        _draw_overlay(item, anomaly_map, low, high, self.out / row["overlay"], self.png_text)
+                except OSError as exc:  # a full or read-only output disk: said per image, not a dead task
+                    record.update(status=FAILED, problem=f"{row['path']}: cannot write its outputs ({exc})")
+                else:
+                    record.update(score=float(result.score), map_min=low, map_max=high)
             records.append(record)
         return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
@@ -223,7 +233,7 @@ def draw_overlays(
         }
         image = _load(row["source"])
         if isinstance(image, str):
-            record.update(status=FAILED, problem=image)
+            record.update(status=FAILED, problem=_as_given(image, row))
         else:
             try:
                 anomaly_map = np.load(root / row["map"])
