@@ -1,5 +1,6 @@
 """``predict --engine ray`` on a real local Ray instance (started here, 2 CPUs, shared by the module) with the
-tiny random-weight preset: plumbing and equality with a local run, never detection quality.
+tiny random-weight preset: plumbing and equality with a local run, never detection quality. The inputs: 42
+synthetic images, a 16-bit PNG, a CMYK JPEG, an EXIF-rotated JPEG and a truncated file.
 
 What must hold: the same scores and maps as a local predict (≤ 1e-6); a worker killed mid-run is replaced
 and the outputs are identical to an uninterrupted run; unreadable inputs are listed in ``skipped.csv`` and
@@ -12,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from clipfusion import distributed
 from clipfusion.cli import main
 from clipfusion.distributed import records
 from clipfusion.distributed.run import ACTOR_PREFIX
-from clipfusion.distributed.worker import RECORD_SCHEMA
+from clipfusion.distributed.worker import RECORD_SCHEMA, ScoreBatch
 from clipfusion.errors import ConfigError
+from fabricate import png_16bit_rgb, random_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -85,10 +89,18 @@ def data(tmp_path_factory):
     refs = sorted((root / "bottle_cap" / "train" / "good").iterdir())[:2]
     argv = ["fit", "--object", "bottle cap", "--refs", *map(str, refs), "--preset", "tiny"]
     assert main([*argv, "--out", str(root / "fitted"), "-q"]) == 0
+    # files a worker must read exactly as a local run does: 16-bit, CMYK, EXIF-rotated
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "deep.png").write_bytes(png_16bit_rgb(random_rgb(5, (64, 48)).astype(np.uint16) * 257))
+    Image.fromarray(random_rgb(6, (64, 48))).convert("CMYK").save(odd / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(random_rgb(7, (64, 48))).save(odd / "turned.jpg", exif=exif, quality=95)
     bad = root / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    inputs = [root / "bottle_cap" / "test", bad]
-    n = len(list((root / "bottle_cap" / "test").rglob("*.png")))
+    inputs = [root / "bottle_cap" / "test", odd, bad]
+    n = len(list((root / "bottle_cap" / "test").rglob("*.png"))) + 3
     assert n >= 40
     return {"root": root, "fitted": root / "fitted", "inputs": inputs, "bad": bad, "n": n}
 
@@ -232,10 +244,12 @@ def test_resume_scores_only_the_inputs_whose_outputs_are_incomplete(data, ray_ru
         pixel_threshold=0.2,
         progress=False,
     )
-    # the batches holding the 3 incomplete images (0-3) and the unreadable one (40-42) are scored again,
-    # whole, so every image meets the same neighbours as before and the bytes are the same; no other batch
-    assert summary.resumed == data["n"] - 3
-    assert summary.scored_now == 6 and summary.workers == 2
+    # the batches holding the 3 incomplete images (the first 4) and the unreadable one (the last, with the
+    # images before it in its batch) are scored again, whole, so every image meets the same neighbours as
+    # before and the bytes are the same; no other batch is
+    n = data["n"]  # the unreadable file is input number n (0-based), after the n readable ones
+    assert summary.resumed == n - 3
+    assert summary.scored_now == 4 + (n - n // 4 * 4) and summary.workers == 2
     assert _outputs(out) == _outputs(ray_run)
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     # resuming another run's settings is refused before any work
@@ -261,8 +275,6 @@ def test_a_worker_that_cannot_load_the_fit_stops_the_run_in_one_line(data, clust
 
 
 def test_per_image_colour_scales_are_drawn_while_scoring(data, cluster, tmp_path):
-    from PIL import Image
-
     from clipfusion.data import load_image
     from clipfusion.outputs import report
 
@@ -276,3 +288,41 @@ def test_per_image_colour_scales_are_drawn_while_scoring(data, cluster, tmp_path
         expected = np.asarray(report.overlay(load_image(row["path"]), heat))
         with Image.open(tmp_path / "out" / row["overlay"]) as drawn:
             np.testing.assert_array_equal(np.asarray(drawn.convert("RGB")), expected)
+
+
+class CrashOnPoison(ScoreBatch):
+    """A worker process that dies (as on a segfault or the OOM killer) whenever its batch holds a file
+    named ``poison``."""
+
+    def __call__(self, batch):
+        if any("poison" in path for path in batch.column("path").to_pylist()):
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_batch_that_kills_its_worker_on_every_try_is_listed_and_the_run_goes_on(
+    data, cluster, tmp_path, monkeypatch
+):
+    from ray import cloudpickle
+
+    from clipfusion.distributed import run as run_module
+
+    good = sorted((data["root"] / "bottle_cap" / "test" / "good").iterdir())[:5]
+    poison = tmp_path / "poison.png"
+    shutil.copy(good[0], poison)
+    monkeypatch.setattr(run_module, "ScoreBatch", CrashOnPoison)
+    monkeypatch.setattr(run_module, "MAX_TASK_RETRIES", 1)  # one retry: the worker dies twice
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test module
+    try:
+        summary = distributed.predict(
+            data["fitted"], [*good[:4], poison, good[4]], tmp_path / "out", batch_size=2, progress=False
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert summary.scored == 4
+    # the whole batch (poison.png and its neighbour) is listed, not scored; every other batch is
+    assert [Path(p).name for p, _ in summary.failed] == ["poison.png", good[4].name]
+    assert all("its batch failed on every try (2 workers died on it)" in line for _, line in summary.failed)
+    assert [r["path"] for r in _rows(tmp_path / "out", "skipped.csv")] == [str(poison), str(good[4])]
+    assert len(_rows(tmp_path / "out")) == 4
