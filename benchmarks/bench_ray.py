@@ -224,9 +224,13 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "> random-init weights: throughput and overhead only, never detection quality.",
         "",
         f"Command: `python benchmarks/bench_ray.py --presets {' '.join(args.presets)} "
-        f"--repeats {args.repeats}` "
+        f"--repeats {args.repeats}"
+        + (f" --full-repeats {args.full_repeats}" if args.full_repeats else "")
+        + "` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); one local Ray instance with "
-        f"{results['cpus']} CPUs, float32 (the presets' dtype), medians of {args.repeats} alternating runs. "
+        f"{results['cpus']} CPUs, float32 (the presets' dtype), medians of the alternating runs (repeats: "
+        + ", ".join(f"{p} {r['repeats']}" for p, r in results["presets"].items())
+        + "). "
         "Local = `predict --fitted` (torch on all cores); Ray with 1 worker = 1 actor holding every core; "
         "with 2 workers = 2 actors of 1 core. Both write every output (maps, overlays on the set's scale, "
         "masks, scores, report).",
@@ -298,6 +302,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "random-full"], choices=sorted(SIZES))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--full-repeats", type=int, help="repeats for random-full (default --repeats; each run loads it anew)"
+    )
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--driver-paths", type=int, default=1_000_000)
     parser.add_argument("--walk-files", type=int, default=100_000)
@@ -315,7 +322,9 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             for preset in args.presets:
-                results["presets"][preset] = bench_preset(preset, args.repeats, args.cpus, work)
+                repeats = args.full_repeats if preset == "random-full" and args.full_repeats else args.repeats
+                results["presets"][preset] = bench_preset(preset, repeats, args.cpus, work)
+                results["presets"][preset]["repeats"] = repeats
         finally:
             ray.shutdown()
     text = report(results, args)
