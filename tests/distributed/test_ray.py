@@ -326,3 +326,16 @@ def test_a_batch_that_kills_its_worker_on_every_try_is_listed_and_the_run_goes_o
     assert all("its batch failed on every try (2 workers died on it)" in line for _, line in summary.failed)
     assert [r["path"] for r in _rows(tmp_path / "out", "skipped.csv")] == [str(poison), str(good[4])]
     assert len(_rows(tmp_path / "out")) == 4
+
+
+def test_without_skip_bad_the_rest_is_scored_and_the_exit_status_names_the_bad_file(
+    data, cluster, tmp_path, capsys
+):
+    good = sorted((data["root"] / "bottle_cap" / "test" / "good").iterdir())[:2]
+    argv = ["predict", "--fitted", str(data["fitted"]), *map(str, good), str(data["bad"])]
+    assert main([*argv, "--engine", "ray", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"unreadable: {data['bad']}: " in err and "add --skip-bad to accept that" in err
+    assert "Traceback" not in err
+    assert [r["path"] for r in _rows(tmp_path / "out")] == list(map(str, good))
+    assert [r["path"] for r in _rows(tmp_path / "out", "skipped.csv")] == [str(data["bad"])]
