@@ -273,6 +273,8 @@ def report(results: dict, args: argparse.Namespace) -> str:
             f"| the same folder with a local run's `collect_images` (pathlib) | "
             f"{d['collect_images_s']:.2f} |",
         ]
+    if not results["presets"]:
+        return "\n".join([*lines, "", *(f"- {line}" for line in machine()), ""])
     full = results["presets"].get("random-full") or next(iter(results["presets"].values()))
     name = "ray, 2 workers" if "ray, 2 workers" in full["contenders"] else "ray, 1 worker"
     node_rate = full["contenders"][name]["images_per_s"]
@@ -289,7 +291,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "",
         "For GPU nodes the per-worker rate has to be measured on the GPU (`benchmarks/bench_gpu.py`; no GPU "
         "was lent to this project's machines so far). With R images/s per GPU worker, N nodes of G GPUs "
-        "give about N × G × R × (1 − overhead) images/s, the overhead being the Ray path's measured above.",
+        "give about N × G × R / (1 + overhead) images/s, the overhead being the Ray path's measured above.",
         "",
         *(f"- {line}" for line in machine()),
         f"- memory available at the end: {available_gb():.1f} GB",
@@ -314,24 +316,31 @@ def main() -> None:
     import ray
 
     results: dict = {"cpus": args.cpus, "presets": {}}
+
+    def save() -> str:  # after every stage: a run cut short still leaves what it measured
+        text = report(results, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        return text
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.driver_paths:
+            (work / "driver").mkdir()
             results["driver"] = bench_driver(args.driver_paths, args.walk_files, work / "driver")
             print(results["driver"], flush=True)
+            save()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             for preset in args.presets:
                 repeats = args.full_repeats if preset == "random-full" and args.full_repeats else args.repeats
                 results["presets"][preset] = bench_preset(preset, repeats, args.cpus, work)
                 results["presets"][preset]["repeats"] = repeats
+                save()
         finally:
             ray.shutdown()
-    text = report(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    print(text)
+    print(save())
 
 
 if __name__ == "__main__":
