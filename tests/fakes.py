@@ -36,7 +36,13 @@ class FakeBranch:
     def shots(self) -> int:
         return 0 if self.memory_bank is None else len(self.memory_bank)
 
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+    def _pixels(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):  # a float (N, 3, H, W) batch in [0, 1]
+            if images.shape[-2:] == (self.size, self.size):
+                return images.float()
+            return torch.nn.functional.interpolate(
+                images.float(), size=(self.size, self.size), mode="bilinear"
+            )
         arrays = [
             np.asarray(img.convert("RGB").resize((self.size, self.size)), dtype=np.float32) / 255.0
             for img in images
@@ -45,7 +51,7 @@ class FakeBranch:
 
     def fit(self, object_name: str, images: list[Image.Image] | None = None) -> FakeBranch:
         self.object_name = object_name
-        self.memory_bank = self._pixels(images) if images else None
+        self.memory_bank = self._pixels(images) if images is not None and len(images) else None
         return self
 
     def prepare(self, object_names) -> None:
@@ -67,13 +73,23 @@ class FakeBranch:
     def weights_fingerprint(self) -> str:
         return f"fake-{self.name}-{self.size}"
 
-    def predict(self, images: list[Image.Image], *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: list[Image.Image], *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
+        from clipfusion.maps import resize_maps
+
         batch = batch_size or self.default_batch_size
         out: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(images), batch):
             for key, value in self._predict_batch(images[start : start + batch]).items():
                 out.setdefault(key, []).append(value)
-        return {key: torch.cat(values) for key, values in out.items()}
+        # the fake's native grid is its `size`
+        return {
+            key: torch.cat(values)
+            if native or key == "s_clip_L"
+            else resize_maps(torch.cat(values), self.config.output_size)
+            for key, values in out.items()
+        }
 
     def _predict_batch(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         self.batches.append(len(images))

@@ -188,6 +188,43 @@ def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
         det.fit("screw", refs)
 
 
+def test_results_carry_the_native_maps_the_fusion_resized():
+    from clipfusion.fusion import fuse_components
+
+    config = load_preset("tiny").replace(output_size=32)
+    det = CLIPFusion(config, clip=FakeBranch("clip", 24), diffusion=FakeBranch("diffusion", 24))
+    det.fit("bottle", _images(2, seed=1))
+    images = _images(3, seed=2)
+    results = det.predict(images)
+    assert set(results[0].native_maps) == {"clip_L", "clip_V", "diff_L", "diff_V"}
+    assert results[0].native_maps["clip_L"].shape == (24, 24) and results[0].anomaly_map.shape == (32, 32)
+    components = {
+        k: torch.from_numpy(np.stack([r.native_maps[k] for r in results])) for k in results[0].native_maps
+    }
+    components["s_clip_L"] = torch.tensor([r.s_clip_L for r in results])
+    fused, score, _ = fuse_components(components, config)
+    for i, result in enumerate(results):
+        assert np.array_equal(result.anomaly_map, fused[i].numpy()) and result.score == float(score[i])
+
+
+def test_terms_leave_maps_out_of_the_fusion():
+    det = CLIPFusion(
+        load_preset("tiny").replace(output_size=32, terms=["clip_L", "diff_L"]),
+        clip=FakeBranch("clip", 32),
+        diffusion=FakeBranch("diffusion", 32),
+    )
+    [result] = det.fit("bottle", _images(2, seed=1)).predict(_images(1, seed=3))
+    assert result.native_maps["clip_V"].any()  # computed, but not fused
+    assert not result.maps["clip_V"].any() and not result.maps["diff_V"].any()
+    zero_shot = CLIPFusion(
+        load_preset("tiny").replace(output_size=32, terms=["clip_V"]),
+        clip=FakeBranch("clip", 32),
+        diffusion=FakeBranch("diffusion", 32),
+    ).fit("bottle")
+    with pytest.raises(ConfigError, match="terms clip_V: none of these maps is computed here"):
+        zero_shot.predict(_images(1))
+
+
 def test_branches_are_known_by_the_protocol_alone():
     from clipfusion.branches import Branch
 
@@ -214,3 +251,51 @@ def test_a_branch_section_overrides_the_placement_it_inherits():
     assert det.clip.dtype == torch.float32 and det.diffusion.dtype == torch.bfloat16
     [result] = det.fit("bottle").predict(_images(1))
     assert result.anomaly_map.dtype == np.float32
+
+
+def _as_tensor(images):
+    return torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 for img in images])
+
+
+def test_a_tensor_batch_gives_the_answer_of_the_same_pil_images():
+    # 32 px images: the fake branches' own size, so neither path resizes and the pixels are the same
+    refs, images = _images(2, seed=7, size=32), _images(5, seed=8, size=32)
+    det = fake_detector()
+    from_pil = det.fit("bottle", refs).predict(images)
+    det.clip.batches.clear()
+    from_tensor = det.fit("bottle", _as_tensor(refs)).predict(_as_tensor(images), batch_size=2)
+    assert det.references == ["<image 0>", "<image 1>"] and det.clip.shots == 2
+    assert det.clip.batches == [2, 2, 1]  # the batch size splits a tensor as it splits a list
+    assert len(from_tensor) == 5 and all(r.image_path is None for r in from_tensor)
+    for a, b in zip(from_pil, from_tensor, strict=True):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+    [single] = det.predict(_as_tensor(images[:1])[0])  # one (3, H, W) image
+    np.testing.assert_allclose(single.anomaly_map, from_pil[0].anomaly_map, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda t: (t * 255).to(torch.uint8), "expected a float"),
+        (lambda t: t[:, :1], "expected a float"),
+        (lambda t: t * 255, "pixel values span"),
+        (lambda t: (t - 0.45) / 0.22, "pixel values span"),  # mean/std-normalised: not [0, 1]
+        (lambda t: t.masked_fill(t > 0.9, float("nan")), "pixel values span"),
+        (lambda t: t[..., :16, :16], "too small"),
+    ],
+)
+def test_tensors_that_are_not_rgb_pixels_in_0_1_are_refused(make, message):
+    det = fake_detector().fit("bottle")
+    with pytest.raises(ClipfusionError, match=message):
+        det.predict(make(_as_tensor(_images(2, seed=9))))
+
+
+def test_a_bicubic_overshoot_just_outside_0_1_is_clipped_as_pil_clips():
+    images = _as_tensor(_images(2, seed=10, size=32))
+    det = fake_detector().fit("bottle")
+    overshoot = images.clone()
+    overshoot[0, 0, 0, 0], overshoot[1, 1, 2, 3] = 1.04, -0.03
+    clipped = overshoot.clamp(0, 1)
+    for a, b in zip(det.predict(overshoot), det.predict(clipped), strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)

@@ -327,3 +327,24 @@ def test_errors_are_one_line():
     with pytest.raises(MetricError) as info:
         pixel_metrics(_M, _with(_S, (0, 0, 0), np.nan))
     assert "\n" not in str(info.value)
+
+
+def test_pixel_scorer_equals_pixel_metrics_for_many_maps():
+    from clipfusion.metrics import PixelScorer
+
+    rng = np.random.default_rng(7)
+    masks = np.zeros((6, 24, 24), dtype=bool)
+    masks[1, 3:9, 4:10] = True
+    masks[1, 15:20, 15:22] = True
+    masks[4, 10:14, 2:5] = True
+    scorer = PixelScorer(masks, max_fpr=0.2)
+    for maps in (
+        rng.random((6, 24, 24), dtype=np.float32),
+        np.round(rng.random((6, 24, 24)), 2).astype(np.float32),  # many ties
+        rng.random((6, 24, 24)),  # float64 that float32 cannot hold: the exact fallback
+    ):
+        assert scorer(maps) == pixel_metrics(masks, maps, max_fpr=0.2)
+    with pytest.raises(MetricError, match="mask 0 has shape"):
+        scorer(np.zeros((6, 24, 23)))
+    with pytest.raises(MetricError, match="no anomalous pixel"):
+        PixelScorer(np.zeros((2, 4, 4), bool))(np.zeros((2, 4, 4)))

@@ -36,6 +36,8 @@ PATCH_MODES = ("tokens", "crops", "windows")
 #: how a memory-bank map measures a feature's distance to its nearest reference feature
 DISTANCES = ("cosine", "euclidean")
 SCORE_MODES = ("terms", "max")
+#: the four component maps, in the order of Eq. 4 (the fusion's ``terms`` picks a subset)
+FUSION_TERMS = ("clip_L", "clip_V", "diff_L", "diff_V")
 DIFFUSION_ARCHITECTURES = ("sd2-inpainting", "tiny")
 DEFAULT_DIFFUSION_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 ATTENTION_NORMALISERS = ("prompt", "words", "sequence")
@@ -203,7 +205,12 @@ class MapDiffConfig(_Placement):
 
 @dataclass(frozen=True)
 class CLIPFusionConfig:
-    """The whole detector: where it runs, both branches and the fusion of their maps (Eq. 4 and Eq. 9)."""
+    """The whole detector: where it runs, both branches and the fusion of their maps (Eq. 4 and Eq. 9).
+
+    ``terms`` are the component maps the fusion adds up (default all four; a map left out counts as zero
+    in Eq. 4 and Eq. 9, and leaving out ``clip_L`` also drops its image term ``s_clip_L``): the paper's
+    component ablation as an option, e.g. ``("clip_L", "diff_L")`` for the language-guided maps alone.
+    """
 
     clip: PatchCLIPConfig = field(default_factory=PatchCLIPConfig)
     diffusion: MapDiffConfig = field(default_factory=MapDiffConfig)
@@ -214,6 +221,7 @@ class CLIPFusionConfig:
     alpha_score: float = 0.75
     sigma: float = 4.0
     score_mode: str = "terms"
+    terms: tuple[str, ...] = FUSION_TERMS
     use_clip: bool = True
     use_diffusion: bool = True
     object_names: dict[str, str] = field(default_factory=dict)
@@ -231,6 +239,11 @@ class CLIPFusionConfig:
         if self.output_size < 8:
             problems.append(f"output_size must be at least 8, got {self.output_size}")
         _one_of("score_mode", self.score_mode, SCORE_MODES, problems)
+        unknown = [t for t in self.terms if t not in FUSION_TERMS]
+        if not self.terms or unknown or len(set(self.terms)) != len(self.terms):
+            problems.append(
+                f"terms must be distinct names among {', '.join(FUSION_TERMS)}, got {list(self.terms)}"
+            )
         if not self.device:
             problems.append("device must not be empty")
         if not (self.use_clip or self.use_diffusion):

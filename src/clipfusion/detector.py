@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,28 +20,67 @@ from clipfusion.branches import Branch
 from clipfusion.calibration import Thresholds
 from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.fusion import MAP_NAMES, fuse
+from clipfusion.fusion import MAP_NAMES, fuse_components
 from clipfusion.progress import progress_bar
 from clipfusion.runtime import free_device_memory, return_freed_memory
 
 ImageLike = str | Path | Image.Image
 log = logging.getLogger(__name__)
+# what fit and predict take: paths or PIL images, or a float (N, 3, H, W) tensor batch in [0, 1]
+Images = Sequence[ImageLike] | ImageLike | torch.Tensor
 
 
 @dataclass
 class AnomalyResult:
     """One image's answer. ``maps`` holds ``clip_L``, ``clip_V``, ``diff_L``, ``diff_V`` after smoothing,
-    at the output size; in zero-shot mode the two visual maps are zero, as in the paper's fusion."""
+    at the output size; in zero-shot mode the two visual maps are zero, as in the paper's fusion.
+
+    ``native_maps`` are the component maps as the branches computed them, before the resize and the
+    smoothing (each on its own grid: 15×15 CLIP tokens, the diffusion attention/feature grid; only those
+    computed), and ``s_clip_L`` the global CLIP probability: what ``evaluate --save-maps`` stores so that the
+    fusion can be redone exactly.
+    """
 
     score: float
     anomaly_map: np.ndarray
     maps: dict[str, np.ndarray]
     image_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    native_maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    s_clip_L: float | None = None
 
     def mask(self, threshold: float) -> np.ndarray:
         """Binary anomaly mask: pixels whose fused value exceeds ``threshold`` (same scale as the map)."""
         return self.anomaly_map > threshold
+
+
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    """A float ``(N, 3, H, W)`` batch in [0, 1] (one ``(3, H, W)`` image becomes a batch of one).
+
+    Values a hair outside [0, 1] (a bicubic resize's overshoot) are clipped, as PIL clips; values far
+    outside mean the tensor is not pixels in [0, 1] (mean/std-normalised, or 0..255), which would give
+    silently wrong maps, so they are refused.
+    """
+    from clipfusion.data.images import MIN_SIDE
+
+    batch = images.unsqueeze(0) if images.ndim == 3 else images
+    if batch.ndim != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
+        raise InputError(
+            f"<tensor {tuple(images.shape)} {images.dtype}>: expected a float (N, 3, H, W) tensor of RGB "
+            "pixels in [0, 1]"
+        )
+    if min(batch.shape[-2:]) < MIN_SIDE:
+        raise InputError(f"<tensor {tuple(images.shape)}>: image too small (at least {MIN_SIDE} px a side)")
+    if batch.numel():
+        low, high = (float(v) for v in torch.aminmax(batch.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -0.25 or high > 1.25:
+            raise InputError(
+                f"<tensor {tuple(images.shape)}>: pixel values span [{low:.3g}, {high:.3g}], expected [0, 1] "
+                "(clipfusion normalises images itself: pass unnormalised RGB in [0, 1])"
+            )
+        if low < 0 or high > 1:
+            batch = batch.clamp(0.0, 1.0)
+    return batch
 
 
 def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
@@ -53,10 +92,6 @@ def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
             raise InputError(f"<PIL image {width}×{height}>: image too small (at least {MIN_SIDE} px a side)")
         return item.convert("RGB"), None
     return load_image(item, min_side=MIN_SIDE), str(item)
-
-
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class CLIPFusion:
@@ -189,22 +224,29 @@ class CLIPFusion:
         """Images per forward pass when a call does not say: the smallest of the branches' own."""
         return min(b.default_batch_size for b in self.branches)
 
-    def fit(self, object_name: str, references: Iterable[ImageLike] | None = None) -> CLIPFusion:
+    def fit(
+        self, object_name: str, references: Iterable[ImageLike] | torch.Tensor | None = None
+    ) -> CLIPFusion:
         """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
-        images; empty or None → zero-shot)."""
+        images: paths, PIL images or a float ``(N, 3, H, W)`` tensor in [0, 1]; empty or None → zero-shot)."""
         from clipfusion.data import object_name as to_object_name
+        from clipfusion.models.weights import sha256_file
 
         name = to_object_name(object_name, self.config.object_names)
-        loaded = [_as_image(r) for r in (references or [])]
-        images = [img for img, _ in loaded]
+        if isinstance(references, torch.Tensor):
+            images: list[Image.Image] | torch.Tensor = _as_batch(references)
+            paths: list[str | None] = [None] * len(images)
+        else:
+            loaded = [_as_image(r) for r in (references or [])]
+            images, paths = [img for img, _ in loaded], [path for _, path in loaded]
         start = time.perf_counter()
         for branch in self.branches:
             branch.fit(name, images)
         self.timings["fit"] = time.perf_counter() - start
         log.debug("fitted to %r with %d references in %.1f s", name, len(images), self.timings["fit"])
         self.object_name = name
-        self.references = [path or f"<image {i}>" for i, (_, path) in enumerate(loaded)]
-        self.reference_sha256 = [_file_sha256(path) if path else None for _, path in loaded]
+        self.references = [path or f"<image {i}>" for i, path in enumerate(paths)]
+        self.reference_sha256 = [sha256_file(Path(path)) if path else None for path in paths]
         self.thresholds = None  # thresholds belong to a fit
         return self
 
@@ -227,9 +269,10 @@ class CLIPFusion:
         return self
 
     def predict(
-        self, images: Sequence[ImageLike] | ImageLike, batch_size: int | None = None, progress: bool = False
+        self, images: Images, batch_size: int | None = None, progress: bool = False
     ) -> list[AnomalyResult]:
-        """Score images (paths or PIL images), ``batch_size`` per forward pass (default: the branches' own).
+        """Score images (paths, PIL images, or a float ``(N, 3, H, W)`` tensor of RGB pixels in [0, 1], e.g.
+        a batch from a data loader), ``batch_size`` per forward pass (default: the branches' own).
 
         Out of memory on a batch, the batch is halved and retried (down to one image), so a batch size
         that is too large for the device costs time, not the run; at one image it is a clear error.
@@ -238,6 +281,8 @@ class CLIPFusion:
             raise RuntimeError("call fit(object_name, references) before predict")
         if isinstance(images, str | Path | Image.Image):
             images = [images]
+        elif isinstance(images, torch.Tensor):
+            images = _as_batch(images)
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = batch_size or self.default_batch_size
@@ -246,9 +291,14 @@ class CLIPFusion:
         config_dict = self.config.to_dict()
         start = 0
         while start < len(images):
-            chunk = [_as_image(item) for item in images[start : start + batch_size]]
+            if isinstance(images, torch.Tensor):
+                pixels: list[Image.Image] | torch.Tensor = images[start : start + batch_size]
+                chunk = [(None, None)] * len(pixels)
+            else:
+                chunk = [_as_image(item) for item in images[start : start + batch_size]]
+                pixels = [img for img, _ in chunk]
             try:
-                outputs = self.predict_tensors([img for img, _ in chunk], batch_size=batch_size)
+                components = self.predict_components(pixels, batch_size=batch_size)
             except torch.OutOfMemoryError as exc:
                 free_device_memory()
                 if batch_size == 1:
@@ -259,6 +309,7 @@ class CLIPFusion:
                 batch_size = max(1, batch_size // 2)
                 warnings.warn(f"out of memory; retrying with batch size {batch_size}", stacklevel=2)
                 continue
+            outputs = self.fuse(components)
             for i, (_, path) in enumerate(chunk):
                 results.append(
                     AnomalyResult(
@@ -267,6 +318,12 @@ class CLIPFusion:
                         maps={k: outputs[k][i].numpy().astype(np.float32, copy=False) for k in MAP_NAMES},
                         image_path=path,
                         config=config_dict,
+                        native_maps={
+                            k: components[k][i].numpy().astype(np.float32, copy=False)
+                            for k in MAP_NAMES
+                            if k in components
+                        },
+                        s_clip_L=float(components["s_clip_L"][i]) if "s_clip_L" in components else None,
                     )
                 )
             start += len(chunk)
@@ -275,35 +332,41 @@ class CLIPFusion:
         return results
 
     def predict_tensors(
-        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+        self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """One list of images through both branches (``batch_size`` per forward pass) and the fusion;
-        float32 CPU tensors: ``score``, ``anomaly_map``, the four smoothed maps and ``s_clip_L``."""
-        cfg = self.config
+        """One list of PIL images (or a float ``(N, 3, H, W)`` batch in [0, 1]) through both branches
+        (``batch_size`` per forward pass) and the fusion; float32 CPU tensors: ``score``, ``anomaly_map``,
+        the four smoothed maps and ``s_clip_L``."""
+        return self.fuse(self.predict_components(images, batch_size=batch_size))
+
+    def predict_components(
+        self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The branches' outputs for a list of images (or a float batch), before the fusion: float32 CPU
+        tensors, each map on its branch's own grid (``native=True``), and ``s_clip_L``."""
         outputs: dict[str, torch.Tensor] = {}
         for branch in self.branches:
             start = time.perf_counter()
-            produced = branch.predict(images, batch_size=batch_size)
+            produced = branch.predict(images, batch_size=batch_size, native=True)
             outputs.update({k: v.detach().float().cpu() for k, v in produced.items()})
             self.timings[branch.name] = self.timings.get(branch.name, 0.0) + time.perf_counter() - start
+        return outputs
+
+    def fuse(self, components: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The configured fusion (:func:`clipfusion.fusion.fuse_components`) of :meth:`predict_components`'
+        output: ``score``, ``anomaly_map``, the four smoothed maps (zero where not computed or not among
+        the ``terms``) and ``s_clip_L``."""
+        cfg = self.config
         start = time.perf_counter()
-        anomaly_map, score, smoothed = fuse(
-            {k: outputs.get(k) for k in MAP_NAMES},
-            outputs.get("s_clip_L"),
-            alpha_map=cfg.alpha_map,
-            alpha_score=cfg.alpha_score,
-            sigma=cfg.sigma,
-            output_size=cfg.output_size,
-            score_mode=cfg.score_mode,
-        )
+        anomaly_map, score, smoothed = fuse_components(components, cfg)
         self.timings["fusion"] = self.timings.get("fusion", 0.0) + time.perf_counter() - start
         n = anomaly_map.shape[0]
         zeros = torch.zeros(n, cfg.output_size, cfg.output_size)
         result = {name: smoothed.get(name, zeros) for name in MAP_NAMES}
         result.update(anomaly_map=anomaly_map, score=score)
-        if "s_clip_L" in outputs:
-            result["s_clip_L"] = outputs["s_clip_L"]
+        if "s_clip_L" in components:
+            result["s_clip_L"] = components["s_clip_L"]
         return result
 
 
-__all__ = ["AnomalyResult", "CLIPFusion"]
+__all__ = ["AnomalyResult", "CLIPFusion", "ImageLike", "Images"]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from clipfusion.calibration import Thresholds
 from clipfusion.config import CLIPFusionConfig, load_config
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.models.weights import sha256_file
 
 if TYPE_CHECKING:
     from clipfusion.branches import Branch
@@ -65,14 +66,6 @@ class FittedRecord:
     @property
     def references(self) -> list[dict[str, Any]]:
         return list(self.record.get("references", []))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_source(detector: CLIPFusion, branch: str) -> dict[str, Any]:
@@ -244,7 +237,7 @@ def read(directory: str | Path) -> FittedRecord:
         file = path / name
         if not file.is_file():
             raise InputError(f"{path}: incomplete fitted detector: {name} is missing")
-        if _sha256(file) != sha:
+        if sha256_file(file) != sha:
             raise InputError(
                 f"{file}: changed since the detector was saved (sha256 differs from {DETECTOR_FILE})"
             )

@@ -31,6 +31,7 @@ from scipy import ndimage
 from clipfusion.errors import MetricError
 
 __all__ = [
+    "PixelScorer",
     "aupro",
     "auroc",
     "average_precision",
@@ -362,13 +363,11 @@ def f1_max(labels: Any, scores: Any) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _pixel_ranking(masks: Any, maps: Any) -> tuple[_Ranking, np.ndarray]:
-    """One ranking of all pixels of all maps, with the sizes of the 8-connected ground-truth regions."""
-    mask_list = _as_map_list(masks, "mask")
-    map_list = _as_map_list(maps, "map")
+def _check_pairs(mask_list: list[np.ndarray], map_list: list[np.ndarray]) -> bool:
+    """Validate masks against maps (counts, shapes, finite values, both classes present) before anything
+    expensive, so that bad input fails fast and completely described; True when float32 holds every score."""
     if len(mask_list) != len(map_list):
         raise MetricError(f"got {len(mask_list)} masks but {len(map_list)} maps")
-    # validate everything before the expensive part, so that bad input fails fast and completely described
     n_total = n_pos = 0
     bad: list[tuple[int, int, int]] = []
     exact = True
@@ -402,40 +401,97 @@ def _pixel_ranking(masks: Any, maps: Any) -> tuple[_Ranking, np.ndarray]:
         raise MetricError(
             f"every pixel of the {len(mask_list)} masks is anomalous: pixel metrics need normal pixels too"
         )
+    return exact
 
-    sizes: list[np.ndarray] = []
-    n_regions = 0
 
-    def region_ids(m: np.ndarray) -> np.ndarray | None:
-        nonlocal n_regions
-        binary = m != 0
-        if not binary.any():
-            return None
-        lab, k = ndimage.label(binary, structure=_EIGHT_CONNECTED)
-        sizes.append(np.bincount(lab.ravel(), minlength=k + 1)[1:])
-        ids = lab.astype(np.uint32)
-        ids[binary] += np.uint32(n_regions)
-        n_regions += k
+class _Regions:
+    """Region ids of ground-truth masks, labelled on first use (8-connected; 0 = normal pixel, regions
+    numbered across all masks), and the size of every region."""
+
+    def __init__(self, mask_list: list[np.ndarray]) -> None:
+        self._masks = mask_list
+        self._ids: dict[int, np.ndarray | None] = {}
+        self._sizes: list[np.ndarray] = []
+        self._n_regions = 0
+
+    def ids(self, i: int, *, keep: bool = False) -> np.ndarray | None:
+        """Mask ``i``'s ids (masks are labelled in order); ``keep`` holds them for later calls."""
+        if i in self._ids:
+            return self._ids[i]
+        binary = self._masks[i] != 0
+        ids = None
+        if binary.any():
+            lab, k = ndimage.label(binary, structure=_EIGHT_CONNECTED)
+            self._sizes.append(np.bincount(lab.ravel(), minlength=k + 1)[1:])
+            ids = lab.astype(np.uint32)
+            ids[binary] += np.uint32(self._n_regions)
+            self._n_regions += k
+        if keep:
+            self._ids[i] = ids
         return ids
 
+    def sizes(self) -> np.ndarray:
+        return np.concatenate(self._sizes)
+
+
+def _rank_pixels(
+    map_list: list[np.ndarray], regions: _Regions, exact: bool, *, keep: bool = False
+) -> _Ranking:
+    """One ranking of all pixels of all maps, each pixel packed with its region id (labelled as needed)."""
+    n_total = sum(s.size for s in map_list)
     offset = 0
     if exact:
         keys = np.empty(n_total, dtype=np.uint64)
-        for m, s in zip(mask_list, map_list, strict=True):
-            _fill_packed(keys[offset : offset + s.size], s, region_ids(m))
+        for i, s in enumerate(map_list):
+            _fill_packed(keys[offset : offset + s.size], s, regions.ids(i, keep=keep))
             offset += s.size
-        ranking = _ranking_from_packed(keys)
-    else:
-        scores = np.empty(n_total, dtype=np.float64)
-        ids_all = np.zeros(n_total, dtype=np.uint32)
-        for m, s in zip(mask_list, map_list, strict=True):
-            scores[offset : offset + s.size] = s.ravel()
-            ids = region_ids(m)
-            if ids is not None:
-                ids_all[offset : offset + s.size] = ids.ravel()
-            offset += s.size
-        ranking = _ranking_from_float64(scores, ids_all, owned=True)
-    return ranking, np.concatenate(sizes)
+        return _ranking_from_packed(keys)
+    scores = np.empty(n_total, dtype=np.float64)
+    ids_all = np.zeros(n_total, dtype=np.uint32)
+    for i, s in enumerate(map_list):
+        scores[offset : offset + s.size] = s.ravel()
+        ids = regions.ids(i, keep=keep)
+        if ids is not None:
+            ids_all[offset : offset + s.size] = ids.ravel()
+        offset += s.size
+    return _ranking_from_float64(scores, ids_all, owned=True)
+
+
+def _pixel_ranking(masks: Any, maps: Any) -> tuple[_Ranking, np.ndarray]:
+    """One ranking of all pixels of all maps, with the sizes of the 8-connected ground-truth regions."""
+    mask_list = _as_map_list(masks, "mask")
+    map_list = _as_map_list(maps, "map")
+    exact = _check_pairs(mask_list, map_list)
+    regions = _Regions(mask_list)  # labelled map by map while packing: no second full-size array
+    return _rank_pixels(map_list, regions, exact), regions.sizes()
+
+
+class PixelScorer:
+    """:func:`pixel_metrics` of many maps against the same masks, e.g. every point of an ablation sweep.
+
+    The masks' 8-connected regions are labelled once, when the scorer is made, and kept (one uint32 per
+    pixel of the anomalous images); each call checks its maps and costs one pass over them and one sort, and
+    only reads the scorer, so threads may share it. ``scorer(maps)`` equals ``pixel_metrics(masks, maps)``,
+    bit for bit.
+    """
+
+    def __init__(self, masks: Any, *, max_fpr: float = 0.3) -> None:
+        self.max_fpr = _check_max_fpr(max_fpr)
+        self._masks = _as_map_list(masks, "mask")
+        self._regions = _Regions(self._masks)
+        for i in range(len(self._masks)):
+            self._regions.ids(i, keep=True)
+
+    def __call__(self, maps: Any) -> dict[str, float]:
+        map_list = _as_map_list(maps, "map")
+        exact = _check_pairs(self._masks, map_list)
+        r = _rank_pixels(map_list, self._regions, exact, keep=True)
+        return {
+            "auroc": r.auroc(),
+            "ap": r.average_precision(),
+            "f1_max": r.f1_max(),
+            "aupro": r.aupro(self._regions.sizes(), self.max_fpr),
+        }
 
 
 def pixel_metrics(masks: Any, maps: Any, *, max_fpr: float = 0.3) -> dict[str, float]:

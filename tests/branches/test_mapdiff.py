@@ -329,3 +329,15 @@ def test_compiled_vae_encoder_gives_the_same_latents(tiny: MapDiff) -> None:
     compiled = md.encode_latents(pixels)
     plain = tiny.encode_latents(pixels)
     torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_native_maps_are_the_grid_that_the_output_maps_resize(tiny: MapDiff) -> None:
+    from clipfusion.maps import resize_maps
+
+    branch = variant(tiny).fit("screw", images(1, seed=4))
+    queries = images(3, seed=5)
+    native, resized = branch.predict(queries, native=True), branch.predict(queries)
+    # tiny: 128 px input, 64×64 latents; up_blocks.2 attention and the up_blocks.1 output are 32×32
+    assert native["diff_L"].shape == native["diff_V"].shape == (3, 32, 32)
+    for name in ("diff_L", "diff_V"):
+        assert torch.equal(resize_maps(native[name], branch.config.output_size), resized[name])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,77 @@ def test_few_shot_clip_v_localises_synthetic_defects(tiny, synthetic_root):
         assert masks.any()
         results[category] = pixel_metrics(masks, maps)["auroc"]
     assert min(results.values()) >= 0.9, results
+
+
+@pytest.mark.parametrize(("mode", "grid"), [("tokens", 15), ("windows", 15), ("crops", 3)])
+def test_native_maps_are_the_unit_grid_that_the_output_maps_resize(mode, grid, images, references):
+    from clipfusion.maps import resize_maps
+
+    clip = PatchCLIP.from_preset("tiny", patch_mode=mode).fit("screw", references)
+    native, resized = clip.predict(images, native=True), clip.predict(images)
+    assert native["clip_L"].shape == native["clip_V"].shape == (3, grid, grid)
+    for name in ("clip_L", "clip_V"):
+        assert torch.equal(resize_maps(native[name], S), resized[name])
+    assert torch.equal(native["s_clip_L"], resized["s_clip_L"])
+    assert clip.predict([], native=True)["clip_L"].shape == (0, grid, grid)
+
+
+# -- a batch of [0, 1] float tensors (what anomalib and data loaders hand over) ---------------------------
+
+
+def _tensor(images: list[Image.Image]) -> torch.Tensor:
+    """8-bit images as anomalib reads them: float32 in [0, 1]."""
+    return torch.stack(
+        [torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1).float() / 255 for i in images]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> PatchCLIP:
+    return PatchCLIP.from_preset("tiny")
+
+
+def _with_mode(clip: PatchCLIP, mode: str) -> PatchCLIP:
+    return PatchCLIP(clip.model, clip.tokenizer, dataclasses.replace(clip.config, patch_mode=mode))
+
+
+@pytest.mark.parametrize("size", [(96, 96), (300, 200), (240, 240)])
+def test_tensor_pixels_equal_pil_pixels_up_to_pils_8_bit_rounding(tiny_clip, size):
+    # The tensor path computes PIL's bicubic resize (antialiased, a = -0.5, width then height, clipped after
+    # each pass) in float; PIL rounds to 8 bits after each pass: 0.5/255 after the first, carried through the
+    # second pass's kernel (sum of |weights| about 1.1 for bicubic), plus 0.5/255 after the second, which
+    # bounds the difference by about 1.1/255. At the model's own size there is no resize and no difference.
+    images = [*_images(3, seed=3, size=size), _images(1, seed=4, size=size)[0].convert("L").convert("RGB")]
+    std = tiny_clip._std
+    difference = ((tiny_clip.preprocess(images) - tiny_clip.preprocess(_tensor(images))) * std).abs().max()
+    bound = 1e-6 if size == (240, 240) else 1.25 / 255
+    assert difference <= bound
+    crops = _with_mode(tiny_clip, "crops")
+    tiles = (crops.preprocess_crops(images) - crops.preprocess_crops(_tensor(images))) * std
+    assert tiles.shape[0] == len(images) * 9 and tiles.abs().max() <= 1.25 / 255  # same tiles, same order
+
+
+@pytest.mark.parametrize("mode", ["tokens", "windows"])
+def test_tensor_batches_give_the_maps_of_the_pil_images(tiny_clip, mode):
+    # 240 px: no resize on either path, so the same pixels reach the model (up to float32 rounding of k/255)
+    clip = _with_mode(tiny_clip, mode)
+    images, refs = _images(3, seed=5, size=(240, 240)), _images(2, seed=6, size=(240, 240))
+    from_pil = clip.fit("bottle", refs).predict(images, batch_size=2)
+    bank = clip.memory_bank
+    from_tensor = clip.fit("bottle", _tensor(refs)).predict(_tensor(images), batch_size=2)
+    torch.testing.assert_close(clip.memory_bank, bank, rtol=0, atol=1e-5)
+    assert set(from_tensor) == set(from_pil) == {"clip_L", "clip_V", "s_clip_L"}
+    for key in from_pil:
+        torch.testing.assert_close(from_tensor[key], from_pil[key], rtol=0, atol=1e-5)
+
+
+def test_tensors_of_the_wrong_shape_or_type_are_refused(tiny_clip):
+    clip = tiny_clip.fit("bottle")
+    for bad in (
+        torch.rand(2, 1, 64, 64),
+        torch.rand(3, 64, 64),
+        torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+    ):
+        with pytest.raises(InputError, match="tensor"):
+            clip.predict(bad)
+    assert clip.predict(torch.rand(0, 3, 64, 64))["clip_L"].shape == (0, S, S)

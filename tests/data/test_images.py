@@ -157,6 +157,42 @@ def test_min_side_refuses_images_too_small_for_the_models(tmp_path):
         load_image(path, min_side=32)
 
 
+def test_load_image_bytes_decodes_and_checks_as_load_image(tmp_path, monkeypatch):
+    """An upload (bytes in memory) gets the same conversions and the same one-line errors as a file, with
+    the name it was given, and nothing is written to disk."""
+    import clipfusion.data.images as images
+    from clipfusion.data.images import ImageTooLargeError, load_image_bytes
+
+    for mode in ("RGB", "L", "P", "RGBA", "CMYK"):
+        path = save_image(
+            tmp_path / f"{mode}.png" if mode != "CMYK" else tmp_path / "c.jpg", random_rgb(5, (48, 40)), mode
+        )
+        from_file = load_image(path)
+        from_bytes = load_image_bytes(path.read_bytes(), "upload.png")
+        assert from_bytes.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(from_bytes), np.asarray(from_file))
+    buffer = io.BytesIO()
+    Image.fromarray(random_rgb(3, (64, 64))).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    cases = [
+        (b"", "cam.png: empty file (0 bytes)"),
+        (b"not an image" * 10, "cam.png: not an image file"),
+        (data[: len(data) // 2], "cam.png: truncated or corrupt image data"),
+    ]
+    for payload, message in cases:
+        with pytest.raises(InputError) as info:
+            load_image_bytes(payload, "cam.png")
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+        assert not isinstance(info.value, ImageTooLargeError)
+    with pytest.raises(InputError, match=r"cam\.png: image too small \(64×64 pixels; at least 100"):
+        load_image_bytes(data, "cam.png", min_side=100)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    with pytest.raises(ImageTooLargeError, match=r"cam\.png: image too large \(64×64 pixels"):
+        load_image_bytes(data, "cam.png")
+    with pytest.raises(ImageTooLargeError):  # the file loader raises the same kind (a server answers 413)
+        load_image(save_image(tmp_path / "big.png", random_rgb(0, (64, 64))))
+
+
 # ---------------------------------------------------------------------------------------------- load_mask
 
 

@@ -9,7 +9,7 @@ import pytest
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.errors import InputError
-from clipfusion.evaluation import CSV_COLUMNS, evaluate
+from clipfusion.evaluation import CSV_COLUMNS, METRIC_COLUMNS, evaluate
 from fakes import FakeBranch
 
 
@@ -47,8 +47,9 @@ def test_writes_three_files_with_sane_values(synthetic_root, tmp_path, config):
     assert tuple(rows[0]) == CSV_COLUMNS
     assert len(rows) == 6
     for row in rows:
-        for column in CSV_COLUMNS[3:]:
+        for column in METRIC_COLUMNS:
             assert 0.0 <= float(row[column]) <= 1.0
+        assert row["weights"] in {"pretrained", "random"}
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["config"] == config.to_dict()
     assert "torch" in data["versions"]

@@ -4,12 +4,20 @@ import math
 import pytest
 
 from clipfusion.errors import ConfigError, InputError
-from clipfusion.evaluation import CSV_COLUMNS, ResultStore, RunKey, results_csv, run_plan, summary_markdown
+from clipfusion.evaluation import (
+    CSV_COLUMNS,
+    METRIC_COLUMNS,
+    ResultStore,
+    RunKey,
+    results_csv,
+    run_plan,
+    summary_markdown,
+)
 
 
 def _run(category, shots, seed, value):
     row = {"category": category, "shots": shots, "seed": seed}
-    for column in CSV_COLUMNS[3:]:
+    for column in METRIC_COLUMNS:
         row[column] = value
     return row
 
@@ -34,7 +42,8 @@ def test_csv_has_the_documented_columns_and_blank_missing_metrics():
     text = results_csv(runs)
     header, row = text.strip().split("\n")
     assert header.split(",") == list(CSV_COLUMNS)
-    assert row.split(",")[3] == "0.500000" and row.split(",")[-1] == ""
+    fields = dict(zip(CSV_COLUMNS, row.split(","), strict=True))
+    assert fields["image_auroc"] == "0.500000" and fields["pixel_aupro"] == ""
 
 
 def test_summary_is_percent_with_mean_and_std_over_seeds():

@@ -40,6 +40,12 @@ class Branch(Protocol):
     memory-bank map only after a few-shot ``fit``) and possibly image-level scores such as ``s_clip_L``
     (``(N,)``). ``batch_size`` is how many images go through the models at once (``None``: the branch's
     :attr:`default_batch_size`); it changes time and memory, never the result.
+
+    ``native=True`` returns each map at the grid the branch computes it on (``(N, h, w)``: the CLIP token,
+    window or crop grid, the diffusion attention or feature grid) instead of the output size. The detector
+    asks for these and does the one bilinear resize itself (:func:`clipfusion.maps.resize_maps`, the same
+    function a branch uses for ``native=False``), so that the maps it can store are the ones it fused and an
+    ablation recomputed from them equals a run.
     """
 
     #: ``"clip"`` or ``"diffusion"``: the name timings and options use
@@ -62,8 +68,11 @@ class Branch(Protocol):
         """Compute and cache the text side for every object name (before :meth:`release_text_encoder`)."""
         ...
 
-    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """Component maps (and scores) of ``images``, ``batch_size`` images per forward pass."""
+    def predict(
+        self, images: Images, *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Component maps (and scores) of ``images``, ``batch_size`` images per forward pass; at the output
+        size, or with ``native`` at the branch's own grid."""
         ...
 
     def release_text_encoder(self) -> None:

@@ -181,7 +181,11 @@ class MapDiff:
         return cls.from_config(config)
 
     def _check_components(self) -> None:
-        cfg = self.config
+        self.check_config(self.config)
+
+    def check_config(self, cfg: MapDiffConfig) -> None:
+        """Refuse options these components cannot run (block names, timestep range, sizes, widths): the
+        branch's own at construction, and any other set of options its steps are asked to use (a grid)."""
         modules = dict(self.unet.named_modules())
         blocks = sorted({loc[0] for n in modules if (loc := _top_level_block(n)) is not None})
         for name in cfg.feature_blocks:
@@ -190,6 +194,7 @@ class MapDiff:
                     f"diffusion.feature_blocks: {name!r} is not a module of the UNet; "
                     f"blocks: {', '.join(blocks)}"
                 )
+        cross_attention_layers(self.unet, cfg.attention_blocks)  # every attention block holds layers
         n_train = int(self.scheduler.config.num_train_timesteps)
         if not 0 <= cfg.timestep < n_train:
             raise ConfigError(f"diffusion.timestep must lie in [0, {n_train}), got {cfg.timestep}")
@@ -483,10 +488,12 @@ class MapDiff:
             self._noise[key] = eps.to(self.device)
         return self._noise[key]
 
-    def unet_input(self, z0: torch.Tensor, draw: int = 0) -> torch.Tensor:
-        """``cat[z_t, mask = 0, z0]`` with ``z_t = add_noise(z0, ε_draw, t)``, in the UNet's dtype."""
+    def unet_input(self, z0: torch.Tensor, draw: int = 0, *, timestep: int | None = None) -> torch.Tensor:
+        """``cat[z_t, mask = 0, z0]`` with ``z_t = add_noise(z0, ε_draw, t)``, in the UNet's dtype (``t``:
+        ``timestep``, default the configured one)."""
         eps = self.noise(z0.shape[1:])[draw].expand_as(z0)
-        t = torch.full((z0.shape[0],), self.config.timestep, dtype=torch.long, device=z0.device)
+        step = self.config.timestep if timestep is None else timestep
+        t = torch.full((z0.shape[0],), step, dtype=torch.long, device=z0.device)
         z_t = self.scheduler.add_noise(z0.float(), eps, t)
         mask = torch.zeros_like(z0[:, :1])
         return torch.cat([z_t, mask, z0.float()], dim=1).to(self.dtype)
@@ -499,11 +506,13 @@ class MapDiff:
         attention_layers: Sequence[str] | None = None,
         feature_blocks: Sequence[str] | None = None,
         early_exit: bool | None = None,
+        timestep: int | None = None,
     ) -> UNetCapture:
-        """One UNet pass at the configured timestep, capturing attention and block outputs.
+        """One UNet pass at ``timestep`` (default: the configured one), capturing attention and block outputs.
 
         With ``early_exit`` (default: the config's) the pass ends after the last block whose attention or
         output is read; what is captured is identical to a full pass, only ``noise_pred`` is then ``None``.
+        ``sample`` must have been made (:meth:`unet_input`) at the same timestep.
         """
         layers = list(self.attention_layers if attention_layers is None else attention_layers)
         blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
@@ -529,7 +538,8 @@ class MapDiff:
                 handles.append(modules[last].register_forward_hook(stop))
             states = prompt_embeddings.to(device=sample.device, dtype=self.dtype)
             states = states.expand(sample.shape[0], -1, -1)
-            t = torch.full((sample.shape[0],), self.config.timestep, dtype=torch.long, device=sample.device)
+            step = self.config.timestep if timestep is None else timestep
+            t = torch.full((sample.shape[0],), step, dtype=torch.long, device=sample.device)
             with torch.inference_mode(), capture_cross_attention(self.unet, layers) as attention:
                 with contextlib.suppress(_StopUNet):
                     capture.noise_pred = self.unet(sample, t, encoder_hidden_states=states).sample
@@ -540,15 +550,18 @@ class MapDiff:
         return capture
 
     # -- maps ---------------------------------------------------------------------------------------------
-    def attention_map(self, capture: UNetCapture, prompt: PromptTokens) -> torch.Tensor:
+    def attention_map(
+        self, capture: UNetCapture, prompt: PromptTokens, *, layers: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """``diff_L`` of one pass, ``(B, G, G)`` in [0, 1] on the largest attention grid ``G``.
 
-        Head-averaged probabilities of each layer are upsampled to the largest grid and averaged over layers;
-        then the attention on the state word's tokens is divided by the attention on the normaliser's tokens
-        (which exclude the start token, the attention sink that would otherwise swamp the ratio).
+        Head-averaged probabilities of each layer (``layers``, default the configured attention blocks'
+        layers) are upsampled to the largest grid and averaged over layers; then the attention on the state
+        word's tokens is divided by the attention on the normaliser's tokens (which exclude the start token,
+        the attention sink that would otherwise swamp the ratio).
         """
         per_layer = []
-        for name in self.attention_layers:
+        for name in self.attention_layers if layers is None else layers:
             probs = capture.attention[name].float().mean(dim=1)  # (B, queries, tokens)
             side = math.isqrt(probs.shape[1])
             if side * side != probs.shape[1]:
@@ -564,11 +577,13 @@ class MapDiff:
         total = mean[:, 1:stop].sum(dim=1)
         return (word / total.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
 
-    def feature_distance(self, capture: UNetCapture, bank: dict[str, torch.Tensor]) -> torch.Tensor:
+    def feature_distance(
+        self, capture: UNetCapture, bank: dict[str, torch.Tensor], *, blocks: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """``diff_V`` of one pass, ``(B, G, G)``: distance to the nearest reference feature (``distance``),
-        averaged over blocks."""
+        averaged over ``blocks`` (default: the configured feature blocks)."""
         maps = []
-        for name in self.config.feature_blocks:
+        for name in self.config.feature_blocks if blocks is None else blocks:
             features = capture.features[name]
             maps.append(
                 nearest_neighbour_distance(
@@ -578,9 +593,12 @@ class MapDiff:
         grid = max(m.shape[-1] for m in maps)
         return torch.stack([resize_maps(m, grid) for m in maps]).mean(dim=0)
 
-    def _bank_entries(self, capture: UNetCapture) -> dict[str, torch.Tensor]:
+    def bank_entries(
+        self, capture: UNetCapture, blocks: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Memory-bank rows ``(B·h·w, C)`` of each feature block (default: the configured ones) of a pass."""
         entries = {}
-        for name in self.config.feature_blocks:
+        for name in self.config.feature_blocks if blocks is None else blocks:
             features = capture.features[name]
             if features.ndim != 4:
                 raise ConfigError(
@@ -629,36 +647,68 @@ class MapDiff:
                 pixels[start : start + self.config.batch_size], attention=False
             ):
                 slot = parts.setdefault((state, draw), {})
-                for name, entries in self._bank_entries(capture).items():
+                for name, entries in self.bank_entries(capture).items():
                     slot.setdefault(name, []).append(entries)
         self.memory_bank = {
             key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
         }
         self._n_references = int(pixels.shape[0])
 
-    def predict(self, images: Images, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def maps_from_passes(
+        self,
+        passes: Iterable[tuple[str, int, UNetCapture]],
+        prompts: dict[str, PromptTokens] | None,
+        memory_bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
+        *,
+        layers: Sequence[str] | None = None,
+        blocks: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(diff_L, diff_V)`` of one batch on their native grids: the maps of every (state word, noise
+        draw) pass averaged, in the order given; ``diff_L`` needs the ``prompts`` and ``diff_V`` the
+        ``memory_bank`` (either is ``None`` without them). ``layers`` / ``blocks`` default to the configured
+        ones.
+
+        :meth:`predict` and a grid over the diffusion options (which runs each UNet pass once for several
+        option sets and runs) both average through here, so their maps are the same numbers.
+        """
+        language = visual = None
+        n_passes = 0
+        for state, draw, capture in passes:
+            n_passes += 1
+            if prompts is not None:
+                m_l = self.attention_map(capture, prompts[state], layers=layers)
+                language = m_l if language is None else language + m_l
+            if memory_bank is not None:
+                m_v = self.feature_distance(capture, memory_bank[(state, draw)], blocks=blocks)
+                visual = m_v if visual is None else visual + m_v
+        if n_passes == 0:
+            raise ClipfusionError("no UNet pass to average")
+        return (
+            None if language is None else language / n_passes,
+            None if visual is None else visual / n_passes,
+        )
+
+    def predict(
+        self, images: Images, *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
         """``diff_L`` and, after a few-shot fit, ``diff_V``: float32 ``(N, S, S)`` on the CPU.
 
-        S is ``output_size``. Images are processed ``batch_size`` at a time; an image's maps do not depend
-        on its batch.
+        S is ``output_size``; with ``native`` the maps stay on the largest attention grid (``diff_L``) and
+        the largest feature grid (``diff_V``), e.g. 32×32 for SD-2 at 512 px. Images are processed
+        ``batch_size`` at a time; an image's maps do not depend on its batch.
         """
         if self.object_name is None:
             raise ClipfusionError("call fit(object_name, references) before predict")
         batch = resolve_batch_size(batch_size, self.config.batch_size)
         pixels = self.preprocess(images)
         outputs: dict[str, list[torch.Tensor]] = {"diff_L": [], "diff_V": []}
-        n_passes = self.config.n_noise * len(self.config.state_words)
         for start in range(0, pixels.shape[0], batch):
-            language = visual = None
-            for state, draw, capture in self._passes(pixels[start : start + batch], attention=True):
-                m_l = self.attention_map(capture, self.prompts[state])
-                language = m_l if language is None else language + m_l
-                if self.memory_bank is not None:
-                    m_v = self.feature_distance(capture, self.memory_bank[(state, draw)])
-                    visual = m_v if visual is None else visual + m_v
-            outputs["diff_L"].append(resize_maps(language / n_passes, self.config.output_size))
+            passes = self._passes(pixels[start : start + batch], attention=True)
+            language, visual = self.maps_from_passes(passes, self.prompts, self.memory_bank)
+            assert language is not None
+            outputs["diff_L"].append(language if native else resize_maps(language, self.config.output_size))
             if visual is not None:
-                outputs["diff_V"].append(resize_maps(visual / n_passes, self.config.output_size))
+                outputs["diff_V"].append(visual if native else resize_maps(visual, self.config.output_size))
         return {name: torch.cat(maps).float().cpu() for name, maps in outputs.items() if maps}
 
 

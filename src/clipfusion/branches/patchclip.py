@@ -2,8 +2,9 @@
 
 One forward pass of the OpenCLIP image tower per image gives the global embedding (image score
 ``s_clip_L``), the final-layer patch tokens after ``ln_post`` (memory bank, as WinCLIP+) and the same tokens
-through the projection (compared with the text features). The branch takes PIL images and returns tensors;
-loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons can hand it any open_clip model.
+through the projection (compared with the text features). The branch takes PIL images or a batch of ``[0, 1]``
+float tensors and returns tensors; loading lives in :mod:`clipfusion.models.clip`, so tests and comparisons
+can hand it any open_clip model.
 
 ``patch_mode`` chooses the unit a map is computed on:
 
@@ -37,6 +38,8 @@ from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.maps import resize_maps
 from clipfusion.prompts import clip_prompt_ensemble
 from clipfusion.runtime import resolve_device, resolve_dtype
+
+Images = Sequence[Image.Image] | torch.Tensor
 
 
 class ImageFeatures(NamedTuple):
@@ -158,17 +161,17 @@ class PatchCLIP:
     # -----------------------------------------------------------------------------------------------------
     # the estimator interface
 
-    def fit(self, object_name: str, references: Sequence[Image.Image] | None = None) -> PatchCLIP:
+    def fit(self, object_name: str, references: Images | None = None) -> PatchCLIP:
         """Prepare for one object: its text features and, given references, the memory bank (few-shot).
 
         No references means zero-shot: ``predict`` then returns no ``clip_V``.
         """
-        references = _checked_images(references or [], "reference")
+        references = _checked_images([] if references is None else references, "reference")
         self.text_features(object_name)
         self.object_name = object_name
         self.memory_bank = None
         self._shots = len(references)
-        if references:
+        if len(references):
             with torch.inference_mode():
                 units = [
                     self.features(references[i : i + self.config.batch_size]).visual
@@ -179,13 +182,16 @@ class PatchCLIP:
         return self
 
     def predict(
-        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+        self, images: Images, *, batch_size: int | None = None, native: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Maps and scores of a list of images, as float32 CPU tensors, ``batch_size`` images per pass.
+        """Maps and scores of a list of images (or an ``(N, 3, H, W)`` tensor in [0, 1]), as float32 CPU
+        tensors, ``batch_size`` images per pass.
 
         ``clip_L`` ``(N, S, S)``: probability of the anomalous prompts per unit, upsampled (bilinear) to
         ``S = output_size``; ``s_clip_L`` ``(N,)``: the same probability for the global image embedding;
-        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: distance to the nearest reference unit.
+        after a few-shot ``fit``, ``clip_V`` ``(N, S, S)``: distance to the nearest reference unit. With
+        ``native`` the maps stay on the unit grid (tokens and windows: the token grid, 15×15 for a 240 px
+        ViT-B/16; crops: ``crop_grid`` × ``crop_grid``).
         """
         if self.object_name is None:
             raise ClipfusionError("PatchCLIP.predict was called before fit(object_name, references)")
@@ -196,10 +202,13 @@ class PatchCLIP:
         with torch.inference_mode():
             for start in range(0, len(images), batch):
                 features = self.features(images[start : start + batch])
-                for key, value in self.maps_from_features(features, text, self.memory_bank).items():
+                maps = self.maps_from_features(features, text, self.memory_bank, native=native)
+                for key, value in maps.items():
                     outputs.setdefault(key, []).append(value)
         if not outputs:  # no images: empty tensors of the right shapes
             size = self.config.output_size
+            if native:
+                size = self.config.crop_grid if self.config.patch_mode == "crops" else self.grid_size[0]
             empty = {"clip_L": torch.empty(0, size, size), "s_clip_L": torch.empty(0)}
             if self.memory_bank is not None:
                 empty["clip_V"] = torch.empty(0, size, size)
@@ -297,12 +306,24 @@ class PatchCLIP:
     # -----------------------------------------------------------------------------------------------------
     # stages, public so that a speed harness can time them one by one
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, 3, H, W)`` float32 CPU pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """``(N, 3, H, W)`` float32 pixels: RGB, bicubic resize to ``image_size``, CLIP mean/std.
 
         Non-square images are stretched rather than centre-cropped, so that the map covers the whole image.
+        PIL images are resized by PIL and come back on the CPU. A float tensor ``(N, 3, H, W)`` in [0, 1]
+        stays on its device and gets PIL's computation in float: the antialiased bicubic filter
+        (``a = -0.5``), width first, then height, clipped to [0, 1] after each pass as PIL clips. Only PIL's
+        rounding to 8 bits after each pass is missing, so the pixels agree with the PIL path to about 1/255.
         """
         size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            pixels = images.float()
+            for shape in ((pixels.shape[-2], size), (size, size)):
+                if pixels.shape[-2:] != shape:
+                    pixels = F.interpolate(
+                        pixels, size=shape, mode="bicubic", align_corners=False, antialias=True
+                    ).clamp(0.0, 1.0)
+            return (pixels - self._mean.to(pixels.device)) / self._std.to(pixels.device)
         arrays = [
             np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
             for image in images
@@ -312,9 +333,21 @@ class PatchCLIP:
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
         return (pixels - self._mean) / self._std
 
-    def preprocess_crops(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def preprocess_crops(self, images: Images) -> torch.Tensor:
         """``(N · n², 3, H, W)``: each image's ``n × n`` tiles (row-major), each pre-processed as an image."""
         n = self.config.crop_grid
+        if isinstance(images, torch.Tensor):
+            height, width = images.shape[-2:]
+            xs = [round(k * width / n) for k in range(n + 1)]
+            ys = [round(k * height / n) for k in range(n + 1)]
+            per_tile = [
+                self.preprocess(
+                    images[..., ys[i] : max(ys[i + 1], ys[i] + 1), xs[j] : max(xs[j + 1], xs[j] + 1)]
+                )
+                for i in range(n)
+                for j in range(n)
+            ]
+            return torch.stack(per_tile, dim=1).flatten(0, 1)  # image by image, tiles row-major
         tiles = []
         for image in images:
             width, height = image.size
@@ -360,7 +393,7 @@ class PatchCLIP:
         pooled, _ = visual._global_pool(x)
         return (pooled @ visual.proj).reshape(batch, n_windows, -1)
 
-    def features(self, images: Sequence[Image.Image]) -> PatchFeatures:
+    def features(self, images: Images) -> PatchFeatures:
         """The units of the configured ``patch_mode`` for a batch of images."""
         mode = self.config.patch_mode
         encoded = self.encode(self.preprocess(images), keep_embedded=mode == "windows")
@@ -379,19 +412,22 @@ class PatchCLIP:
         features: PatchFeatures,
         text_features: torch.Tensor,
         memory_bank: torch.Tensor | None = None,
+        *,
+        native: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Scores and maps (float32, CPU) from a batch's units: ``s_clip_L``, ``clip_L`` and ``clip_V``."""
+        """Scores and maps (float32, CPU) from a batch's units: ``s_clip_L``, ``clip_L`` and ``clip_V``
+        (at the output size, or with ``native`` on the unit grid)."""
         text = text_features.to(self.device, torch.float32)
         image = F.normalize(features.image.float(), dim=-1)
         outputs = {"s_clip_L": self._anomalous_probability(image, text).cpu()}
         language = F.normalize(features.language.float(), dim=-1)
-        outputs["clip_L"] = self._to_map(self._anomalous_probability(language, text)).cpu()
+        outputs["clip_L"] = self._to_map(self._anomalous_probability(language, text), native).cpu()
         if memory_bank is not None:
             # 1 - cos can come out a hair below 0 in floating point; the harmonic mean needs it >= 0
             distance = nearest_neighbour_distance(
                 features.visual, memory_bank, distance=self.config.distance
             ).clamp_min(0.0)
-            outputs["clip_V"] = self._to_map(distance).cpu()
+            outputs["clip_V"] = self._to_map(distance, native).cpu()
         return outputs
 
     # -----------------------------------------------------------------------------------------------------
@@ -400,8 +436,8 @@ class PatchCLIP:
         logits = normalized @ text.T / self.config.temperature
         return logits.softmax(dim=-1)[..., 1]
 
-    def _to_map(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(N, U)`` unit scores → ``(N, S, S)`` map, bilinear from the unit grid."""
+    def _to_map(self, scores: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """``(N, U)`` unit scores → ``(N, S, S)`` map, bilinear from the unit grid (``native``: the grid)."""
         mode = self.config.patch_mode
         if mode == "tokens":
             grid = scores.reshape(scores.shape[0], *self.grid_size)
@@ -409,7 +445,7 @@ class PatchCLIP:
             grid = harmonic_aggregation(scores, self.grid_size, self.config.window_size)
         else:
             grid = scores.reshape(scores.shape[0], self.config.crop_grid, self.config.crop_grid)
-        return resize_maps(grid, self.config.output_size)
+        return grid.float() if native else resize_maps(grid, self.config.output_size)
 
     def _transformer(self, x: torch.Tensor) -> torch.Tensor:
         transformer = self._visual.transformer
@@ -488,7 +524,16 @@ def _state_tensor(state: BranchState, key: str, branch: str) -> torch.Tensor:
     return tensor
 
 
-def _checked_images(images: Sequence[Image.Image], what: str) -> list[Image.Image]:
+def _checked_images(images: Images, what: str) -> list[Image.Image] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise InputError(
+                f"expected {what}s as a float (N, 3, H, W) tensor in [0, 1], got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if min(images.shape[-2:], default=0) < 1:
+            raise InputError(f"{what}s: empty images of size {tuple(images.shape[-2:])}")
+        return images
     if isinstance(images, Image.Image):
         raise InputError(f"expected a list of {what}s, got a single PIL image")
     checked = list(images)

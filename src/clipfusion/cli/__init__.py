@@ -1,5 +1,5 @@
 """The ``clipfusion`` command: one module per subcommand (``predict.py``, ``fit.py``, ``evaluate.py``,
-``demo.py``, ``weights.py``, ``config.py``), options they share in ``options.py``.
+``serve.py``, ``sweep.py``, ``demo.py``, ``weights.py``, ``config.py``), options they share in ``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
 status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from clipfusion import __version__
-from clipfusion.cli import config, demo, evaluate, fit, predict, weights
+from clipfusion.cli import config, demo, evaluate, fit, predict, serve, sweep, weights
 from clipfusion.cli.options import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -28,7 +28,7 @@ from clipfusion.cli.options import (
 from clipfusion.errors import ClipfusionError, WeightsUnavailableError
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
-COMMANDS = (evaluate, predict, fit, demo, weights, config)
+COMMANDS = (evaluate, sweep, predict, fit, serve, demo, weights, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

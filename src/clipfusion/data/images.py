@@ -8,6 +8,7 @@ instead of a Pillow traceback deep inside a model.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +27,18 @@ MAX_SIDE = 4096
 MIN_SIDE = 32
 
 
-def _fail(path: Path, problem: str) -> InputError:
+class ImageTooLargeError(InputError):
+    """An image over :data:`MAX_PIXELS` (or a possible decompression bomb): a server answers 413 for it,
+    400 for the other :class:`InputError` problems."""
+
+
+def _fail(path: Path | str, problem: str, kind: type[InputError] = InputError) -> InputError:
     one_line = " ".join(str(problem).split())
-    return InputError(f"{path}: {one_line}")
+    return kind(f"{path}: {one_line}")
 
 
 def _open_fully(path: str | Path) -> Image.Image:
-    """Open and decode the whole file, so truncation or corruption surfaces here and not mid-batch.
-
-    Decompression-bomb protection: the header's size is checked against :data:`MAX_PIXELS` before any
-    pixel is decoded; JPEGs over :data:`MAX_SIDE` are decoded at a reduced scale (``draft``), so a large
-    camera frame costs a fraction of its full size in memory.
-    """
+    """Open and decode the whole file, so truncation or corruption surfaces here and not mid-batch."""
     path = Path(path)
     if not path.exists():
         raise _fail(path, "file not found")
@@ -49,23 +50,37 @@ def _open_fully(path: str | Path) -> Image.Image:
         raise _fail(path, f"cannot read file ({exc.strerror or exc})") from exc
     if size == 0:
         raise _fail(path, "empty file (0 bytes)")
+    return _decode(path, path)
+
+
+def _decode(source: Path | io.BytesIO, name: Path | str) -> Image.Image:
+    """Decode a file or in-memory bytes fully; errors name ``name``.
+
+    Decompression-bomb protection: the header's size is checked against :data:`MAX_PIXELS` before any
+    pixel is decoded; JPEGs over :data:`MAX_SIDE` are decoded at a reduced scale (``draft``), so a large
+    camera frame costs a fraction of its full size in memory.
+    """
     saved_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own limit below; Pillow's would refuse legitimate large frames
     try:
-        image = Image.open(path)
+        image = Image.open(source)
     except UnidentifiedImageError as exc:
-        raise _fail(path, "not an image file Pillow can read (unknown or corrupt format)") from exc
+        raise _fail(name, "not an image file Pillow can read (unknown or corrupt format)") from exc
     except Image.DecompressionBombError as exc:
-        raise _fail(path, f"image too large, refused as a possible decompression bomb ({exc})") from exc
+        raise _fail(
+            name, f"image too large, refused as a possible decompression bomb ({exc})", ImageTooLargeError
+        ) from exc
     except OSError as exc:
-        raise _fail(path, f"cannot open image ({exc.strerror or exc})") from exc
+        raise _fail(name, f"cannot open image ({exc.strerror or exc})") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = saved_limit
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
         raise _fail(
-            path, f"image too large ({width}×{height} pixels; the limit is {MAX_PIXELS // 10**6} megapixels)"
+            name,
+            f"image too large ({width}×{height} pixels; the limit is {MAX_PIXELS // 10**6} megapixels)",
+            ImageTooLargeError,
         )
     if max(width, height) > MAX_SIDE and image.format == "JPEG":
         image.draft(image.mode, (MAX_SIDE, MAX_SIDE))
@@ -76,13 +91,15 @@ def _open_fully(path: str | Path) -> Image.Image:
         transposed = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as exc:
         image.close()
-        raise _fail(path, f"image too large, refused as a possible decompression bomb ({exc})") from exc
+        raise _fail(
+            name, f"image too large, refused as a possible decompression bomb ({exc})", ImageTooLargeError
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         image.close()
-        raise _fail(path, f"truncated or corrupt image data ({exc})") from exc
+        raise _fail(name, f"truncated or corrupt image data ({exc})") from exc
     except Exception as exc:  # Pillow plugins raise arbitrary errors on malformed data
         image.close()
-        raise _fail(path, f"corrupt image data ({type(exc).__name__}: {exc})") from exc
+        raise _fail(name, f"corrupt image data ({type(exc).__name__}: {exc})") from exc
     if transposed is not image:
         image.close()
     return transposed
@@ -137,7 +154,18 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     file, one over :data:`MAX_PIXELS`, or one with a side under ``min_side`` when that is given.
     """
     path = Path(path)
-    image = _open_fully(path)
+    return _finish(_open_fully(path), path, min_side)
+
+
+def load_image_bytes(data: bytes, name: str, min_side: int | None = None) -> Image.Image:
+    """:func:`load_image` for bytes held in memory (an upload): the same decoding, conversions and checks,
+    with ``name`` in the error messages. Nothing touches the file system."""
+    if len(data) == 0:
+        raise _fail(name, "empty file (0 bytes)")
+    return _finish(_decode(io.BytesIO(data), name), name, min_side)
+
+
+def _finish(image: Image.Image, path: Path | str, min_side: int | None) -> Image.Image:
     if min_side is not None and min(image.size) < min_side:
         width, height = image.size
         raise _fail(

@@ -20,7 +20,6 @@ grid, but two narrow layers per tower; seconds on a CPU).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from importlib import resources
@@ -348,6 +347,8 @@ def _from_open_clip_cache(
     url: str, cache_dir: str | os.PathLike[str] | None, tried: list[str]
 ) -> Path | None:
     """A file that open_clip downloaded from ``url`` earlier; checked against the hash in its name."""
+    from clipfusion.models.weights import sha256_file
+
     folders = [Path(cache_dir)] if cache_dir is not None else []
     folders.append(Path("~/.cache/clip").expanduser())
     filename = url.rsplit("/", 1)[-1]
@@ -357,16 +358,8 @@ def _from_open_clip_cache(
             tried.append(f"{candidate} (missing)")
             continue
         expected = Path(filename).stem.split("-")[-1] if "mlfoundations" in url else ""
-        if expected and not _sha256(candidate).startswith(expected):
+        if expected and not sha256_file(candidate).startswith(expected):
             tried.append(f"{candidate} (sha256 does not start with {expected}: corrupt or partial)")
             continue
         return candidate
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
