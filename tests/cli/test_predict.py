@@ -3,6 +3,7 @@ data. Random weights check the plumbing, never detection quality."""
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,20 @@ def test_predict_reports_every_bad_input_at_once_without_traceback(small_root, t
     assert "empty.png" in (tmp_path / "o" / "report.html").read_text()
     with (tmp_path / "o" / "scores.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 1
+    # the inputs left out, one (path, problem) row each, as a Ray run lists them
+    with (tmp_path / "o" / "skipped.csv").open() as fh:
+        skipped = list(csv.DictReader(fh))
+    assert [Path(r["path"]).name for r in skipped] == ["empty.png", "text.jpg"]
+    assert all(r["problem"].startswith(r["path"] + ": ") for r in skipped)
+    assert "skipped.csv" in json.loads((tmp_path / "o" / "manifest.json").read_text())["files"]
+
+
+def test_ray_options_need_the_ray_engine(tmp_path, capsys):
+    for extra in (["--workers", "2"], ["--resume"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
+        argv = ["predict", str(tmp_path), "--object", "cap", "--preset", "tiny", "--out", str(tmp_path / "o")]
+        assert main(argv + extra) == 2
+        assert f"{extra[0]}: only with --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _predict_args(small_root, out, *extra, images=None):

@@ -36,6 +36,21 @@ def test_overwrite_removes_the_listed_files_only(tmp_path):
     assert left == ["out/manifest.json", "out/maps/mine.txt", "outside.txt"]
 
 
+def test_overwrite_removes_files_named_by_the_manifests_patterns_only(tmp_path):
+    """A distributed run names its per-image files by pattern (a million names would not fit a manifest)."""
+    first = OutputFolder(tmp_path / "out")
+    first.open(["scores.csv"], patterns=["maps/*.npy", ".parts/*.parquet", "../*.txt", "/etc/*"])
+    for rel in ("scores.csv", "maps/a.npy", "maps/b.npy", ".parts/p.parquet", "maps/notes.md"):
+        (tmp_path / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / rel).write_text(rel)
+    (tmp_path / "keep.txt").write_text("keep")
+    first.close()
+    OutputFolder(tmp_path / "out", overwrite=True).open(["scores.csv"])
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["keep.txt", "out/manifest.json", "out/maps/notes.md"]
+    assert not (tmp_path / "out" / ".parts").exists()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -48,3 +48,25 @@ def test_html_report_sorts_by_score_and_shows_the_banner():
     order = [m for m in re.findall(r"class='name'>([^<]+)<", page)]
     assert order == ["high.png", "&lt;mid&gt;.png", "low.png"]
     assert "RANDOM WEIGHTS" in page and "class='anomalous'" in page
+
+
+def test_the_report_shows_the_top_scores_and_a_histogram_of_all():
+    thumb = report.thumbnail_data_uri(Image.new("RGB", (8, 8)))
+    scores = [i / 1000 for i in range(1000)]
+    shown = [report.ReportEntry(name=f"{s:.3f}.png", score=s, thumbnail=thumb) for s in scores[-250:]]
+    page = report.html_report(shown, title="t", top=5, scores=scores, threshold=0.9)
+    names = re.findall(r"class='name'>([^<]+)<", page)
+    assert names == ["0.999.png", "0.998.png", "0.997.png", "0.996.png", "0.995.png"]
+    assert "showing the 5 highest of 1000 scores" in page
+    bars = re.findall(r"<rect [^>]*height='([0-9.]+)'><title>[^:]+: (\d+)</title>", page)
+    assert sum(int(count) for _, count in bars) == 1000  # every score is in the histogram, not only the shown
+    assert "class='thr'" in page and "threshold 0.9000" in page
+    # top=None shows every entry; without scores the histogram is drawn from the entries
+    page = report.html_report(shown, title="t", top=None)
+    assert page.count("class='card'") == 250 and "showing the" not in page
+    assert sum(int(c) for c in re.findall(r"</?title>[^<:]*: (\d+)</title>", page)) == 250
+
+
+def test_the_histogram_copes_with_one_value_and_with_nothing():
+    assert "<svg" in report.score_histogram_svg([0.5, 0.5, 0.5])
+    assert report.score_histogram_svg([]) == "" and report.score_histogram_svg([float("nan")]) == ""

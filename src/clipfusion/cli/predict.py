@@ -19,11 +19,17 @@ from clipfusion.cli.options import (
     weights_dir,
 )
 from clipfusion.errors import ConfigError
+from clipfusion.outputs.report import REPORT_TOP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
-    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        help="image files or folders (with --engine ray also .txt, .csv or .parquet lists of paths)",
+    )
     p.add_argument(
         "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
     )
@@ -51,8 +57,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--normalize", default="set", help="heat-map scale: 'set' (shared) or 'image'")
     p.add_argument("--skip-bad", action="store_true", help="continue past unreadable images, listing them")
+    p.add_argument(
+        "--report-top",
+        type=int,
+        default=REPORT_TOP,
+        metavar="N",
+        help=f"cards in report.html: the N highest scores, beside a histogram of all (default {REPORT_TOP})",
+    )
     add_model_options(p)
+    ray = p.add_argument_group("many machines (--engine ray; see README 'Running on many machines')")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default) or ray: Ray Data batch inference",
+    )
+    ray.add_argument(
+        "--address", help="a running Ray cluster: auto or HOST:PORT (default: a private Ray instance)"
+    )
+    ray.add_argument(
+        "--workers", type=int, help="model actors, each loading the fitted detector once (default 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-worker", type=float, metavar="G", help="GPUs per actor (then on CUDA; default 0)"
+    )
+    ray.add_argument(
+        "--cpus-per-worker", type=float, metavar="C", help="CPUs (torch threads) per actor (default 1)"
+    )
+    ray.add_argument(
+        "--resume", action="store_true", help="continue a run in --out, skipping finished images"
+    )
     p.set_defaults(func=run)
+
+
+#: the options that only mean something with --engine ray
+RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +102,16 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.outputs import report
     from clipfusion.outputs.folders import OutputFolder, check_input_file, check_input_folder
     from clipfusion.outputs.predictions import write_predictions
+
+    if args.engine == "ray":
+        from clipfusion.distributed.command import run as run_on_ray
+
+        return run_on_ray(args)
+    given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if getattr(args, o) not in (None, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --engine ray")
+    if args.report_top < 1:
+        raise ConfigError(f"--report-top must be at least 1, got {args.report_top}")
 
     # every option and path is checked before any model work, each problem in one line
     if not args.fitted and not args.object:
@@ -87,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     refs, ref_problems = collect_images(args.refs) if args.refs else ([], [])
     calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
     problems += ref_problems + calib_problems
+    given_files = files
     files, bad = check_images(files, progress, desc="checking images")
     refs, bad_refs = check_images(refs, progress, desc="checking references")
     calib, bad_calib = check_images(calib, progress, desc="checking calibration images")
@@ -161,6 +211,21 @@ def run(args: argparse.Namespace) -> int:
         title=f"clipfusion: {object_name}",
         banner=banner,
         details=details,
+        report_top=args.report_top,
+        skipped=_unreadable(given_files, files, bad),
     )
     say(f"wrote {len(files)} images' scores, maps and overlays and the report to {out.path}")
     return EXIT_OK
+
+
+def _unreadable(given: list[Path], good: list[Path], problems: list[str]) -> list[tuple[str, str]]:
+    """(path, problem) for each input left out, in input order (``check_images`` keeps that order)."""
+    kept = iter(good)
+    nxt = next(kept, None)
+    bad = []
+    for path in given:
+        if nxt is not None and path == nxt:
+            nxt = next(kept, None)
+        else:
+            bad.append(str(path))
+    return list(zip(bad, problems, strict=True))

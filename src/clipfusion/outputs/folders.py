@@ -150,7 +150,16 @@ class OutputFolder:
             return
         root = self.path.resolve()
         folders = set()
-        for rel in earlier["files"]:
+        # a run too large to list every file (a distributed run) names its per-image files by patterns
+        # ("maps/*.npy"); a pattern never reaches outside the folder (no "..", no absolute path)
+        patterns = [p for p in earlier.get("patterns", []) if isinstance(p, str) and ".." not in p]
+        listed = [
+            str(t.relative_to(self.path))
+            for p in patterns
+            if not p.startswith("/")
+            for t in self.path.glob(p)
+        ]
+        for rel in list(earlier["files"]) + listed:
             target = (self.path / rel).resolve()
             if root not in target.parents:  # a manifest never points outside its own folder
                 continue

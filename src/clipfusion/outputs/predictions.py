@@ -76,6 +76,15 @@ def planned_files(names: Sequence[OutputNames], *, thresholds: bool) -> list[str
     return fixed + per_image
 
 
+def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """``path,problem``: the inputs a run left out (unreadable with ``--skip-bad``), one line each."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "problem"])
+    writer.writerows(skipped)
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_predictions(
     detector: CLIPFusion,
     files: Sequence[Path],
@@ -91,11 +100,15 @@ def write_predictions(
     banner: str = "",
     details: dict[str, str] | None = None,
     labels: Sequence[str] | None = None,
+    report_top: int | None = report.REPORT_TOP,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> list[tuple[str, float, str]]:
     """Predict ``files`` with a fitted detector and write the outputs; returns (path, score, decision).
 
     ``out`` is an :class:`OutputFolder` (checked and claimed through its manifest) or a path to a new or
-    empty folder. ``thresholds``, when given, is written to ``thresholds.json`` beside the scores.
+    empty folder. ``thresholds``, when given, is written to ``thresholds.json`` beside the scores. The
+    report shows the ``report_top`` highest scores (None: every image) and a histogram of all of them.
+    ``skipped`` (path, problem) pairs, the inputs left out as unreadable, go to ``skipped.csv``.
     """
     from clipfusion.data import load_image
 
@@ -105,7 +118,7 @@ def write_predictions(
     weights = "random" if detector.config.random_weights else "pretrained"
     names = output_names(files, with_masks=pixel_threshold is not None)
     folder.open(
-        planned_files(names, thresholds=thresholds is not None),
+        planned_files(names, thresholds=thresholds is not None) + (["skipped.csv"] if skipped else []),
         command="predict",
         images=len(files),
         weights=weights,
@@ -143,12 +156,16 @@ def write_predictions(
         )
         writer.writerow(row + ([name.mask] if with_masks else []) + [weights])
     atomic_write_text(root / "scores.csv", buf.getvalue())
+    if skipped:
+        write_skipped_csv(root / "skipped.csv", skipped)
     detector.save_config(root / "config.json")
     if thresholds is not None:
         thresholds.save(root / "thresholds.json")
 
     log.info("writing overlays" + (", masks" if with_masks else "") + " and the report")
     entries = []
+    ranked = sorted(range(len(rows)), key=lambda i: -rows[i][1])
+    in_report = set(ranked if report_top is None else ranked[:report_top])
     bar = progress_bar(len(rows), "overlays", enabled=progress)
     for index, ((path, score, decision), name) in enumerate(zip(rows, names, strict=True)):
         anomaly_map = np.load(root / name.map)
@@ -162,6 +179,9 @@ def write_predictions(
         if name.mask is not None:
             mask = report.mask_image(anomaly_map > pixel_threshold, image.size)
             report.save_png(mask, root / name.mask, text=png_text)
+        bar.update(1)
+        if index not in in_report:
+            continue
         entries.append(
             report.ReportEntry(
                 name=str(path),
@@ -172,7 +192,6 @@ def write_predictions(
                 label=labels[index] if labels else None,
             )
         )
-        bar.update(1)
     bar.close()
     details = dict(details or {})
     details["weights"] = WEIGHTS_NOTE[weights]
@@ -186,9 +205,12 @@ def write_predictions(
         report.html_report(
             entries,
             title=title,
-            subtitle=f"{len(entries)} images, sorted by anomaly score (highest first)",
+            subtitle=f"{len(rows)} images, sorted by anomaly score (highest first)",
             banner=banner,
             details=details,
+            top=report_top,
+            scores=[score for _, score, _ in rows],
+            threshold=threshold,
         ),
     )
     folder.close()

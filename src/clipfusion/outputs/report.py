@@ -1,4 +1,9 @@
-"""Visual output: heat-map overlays, binary masks, and a self-contained HTML report sorted by score."""
+"""Visual output: heat-map overlays, binary masks, and a self-contained HTML report sorted by score.
+
+The report shows the :data:`REPORT_TOP` highest-scoring images as cards and a histogram of every score: a
+page with a million thumbnails helps nobody (and weighs gigabytes), while the distribution and the worst
+cases are what an inspector reads first.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from PIL import Image
 from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
 
 NORMALISATIONS = ("set", "image")
+#: cards in the HTML report by default: the highest scores; every score still goes into the histogram
+REPORT_TOP = 100
 
 # piecewise-linear "jet": blue (normal) → cyan → yellow → red (anomalous), the colour code of this field
 _JET_STOPS = np.array(
@@ -102,6 +109,8 @@ h1{font-size:1.4em;margin-bottom:4px}.meta{color:#555;font-size:.9em}
 .card{border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
 .card img{width:100%;border-radius:4px;display:block}
 .card .name{font-size:.8em;word-break:break-all;color:#333;margin-top:4px}
+.hist{margin-top:14px}.hist rect{fill:#4a78b5}.hist .thr{stroke:#b00020;stroke-width:2}
+.hist text{font-size:11px;fill:#333}
 .score{font-weight:700}.anomalous{color:#b00020}.normal{color:#1b7f3b}
 table{border-collapse:collapse;margin-top:8px;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px}
 """
@@ -114,8 +123,14 @@ def html_report(
     subtitle: str = "",
     banner: str = "",
     details: dict[str, str] | None = None,
+    top: int | None = REPORT_TOP,
+    scores: Sequence[float] | None = None,
+    threshold: float | None = None,
 ) -> str:
-    """Cards sorted by descending score; a banner (e.g. "random weights") is shown above everything."""
+    """Cards of the ``top`` highest-scoring entries (None: all), sorted by descending score, below a
+    histogram of ``scores`` (default: the entries' own; a caller with many images passes every score and
+    only the entries it may show, so that it never builds a million thumbnails) with ``threshold`` marked.
+    A banner (e.g. "random weights") is shown above everything."""
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -129,8 +144,18 @@ def html_report(
     if details:
         rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in details.items())
         parts.append(f"<table>{rows}</table>")
+    all_scores = [e.score for e in entries] if scores is None else list(scores)
+    ranked = sorted(entries, key=lambda e: -e.score)
+    shown = ranked if top is None else ranked[:top]
+    if all_scores:
+        parts.append(score_histogram_svg(all_scores, threshold=threshold))
+    if len(shown) < len(all_scores):
+        parts.append(
+            f"<div class='meta'>showing the {len(shown)} highest of {len(all_scores)} scores; every score is "
+            "in scores.csv</div>"
+        )
     parts.append("<div class='grid'>")
-    for rank, entry in enumerate(sorted(entries, key=lambda e: -e.score), 1):
+    for rank, entry in enumerate(shown, 1):
         img = f"<img src='{entry.thumbnail}' alt='{esc(entry.name)}'>"
         if entry.overlay_href:
             img = f"<a href='{esc(entry.overlay_href)}'>{img}</a>"
@@ -144,6 +169,50 @@ def html_report(
         )
     parts.append("</div></body></html>")
     return "\n".join(parts)
+
+
+def score_histogram_svg(
+    scores: Sequence[float], *, threshold: float | None = None, bins: int = 40, width: int = 640
+) -> str:
+    """An inline SVG histogram of the scores (the page stays one self-contained file), the threshold as a
+    red line when known."""
+    values = np.asarray(list(scores), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return ""
+    lo, hi = float(values.min()), float(values.max())
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    plot_h, top_pad, bottom = 110, 14, 130
+    bar_w = width / bins
+    peak = max(int(counts.max()), 1)
+    bars = []
+    for i, count in enumerate(counts):
+        if count:
+            h = max(1.0, plot_h * count / peak)
+            bars.append(
+                f"<rect x='{i * bar_w:.1f}' y='{top_pad + plot_h - h:.1f}' width='{max(bar_w - 1, 1):.1f}' "
+                f"height='{h:.1f}'><title>{edges[i]:.4f}–{edges[i + 1]:.4f}: {count}</title></rect>"
+            )
+    if threshold is not None and np.isfinite(threshold):
+        x = (threshold - lo) / (hi - lo) * width
+        bars.append(f"<line class='thr' x1='{x:.1f}' x2='{x:.1f}' y1='{top_pad}' y2='{top_pad + plot_h}'/>")
+        bars.append(f"<text x='{min(x + 3, width - 90):.1f}' y='11'>threshold {threshold:.4f}</text>")
+    labels = (
+        f"<text x='0' y='{bottom + 12}'>{lo:.4f}</text>"
+        f"<text x='{width}' y='{bottom + 12}' text-anchor='end'>{hi:.4f}</text>"
+        f"<text x='{width / 2:.0f}' y='{bottom + 12}' text-anchor='middle'>score ({values.size} images; "
+        f"tallest bar {peak})</text>"
+    )
+    return (
+        f"<svg class='hist' width='{width}' height='{bottom + 18}' viewBox='0 0 {width} {bottom + 18}' "
+        f"role='img' aria-label='histogram of scores'>{''.join(bars)}"
+        f"<line x1='0' x2='{width}' y1='{top_pad + plot_h}' y2='{top_pad + plot_h}' stroke='#999'/>"
+        f"{labels}</svg>"
+    )
 
 
 def write_html(path: Path, text: str) -> None:
