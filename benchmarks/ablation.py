@@ -83,9 +83,11 @@ class ClassicAttention:
     def prepare(self, object_names: Any) -> None:
         self.inner.prepare(object_names)
 
-    def predict(self, images: Any, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: Any, *, batch_size: int | None = None, native: bool = False
+    ) -> dict[str, torch.Tensor]:
         with classic_attention(self.inner.unet, self.inner.vae):
-            return self.inner.predict(images, batch_size=batch_size)
+            return self.inner.predict(images, batch_size=batch_size, native=native)
 
     def release_text_encoder(self) -> None:
         self.inner.release_text_encoder()

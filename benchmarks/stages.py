@@ -1,10 +1,10 @@
 """Time and FLOPs per stage of one prediction, and their distance to the compute floor.
 
 The stage methods (``PatchCLIP.encode``/``window_embeddings``, ``MapDiff.encode_latents``/``run_unet`` and
-``clipfusion.detector.fuse``) are wrapped on the instances for the duration of a ``with`` block only:
-nothing else changes, no code path is altered. Wrapping the method rather than hooking the module is what
-makes the UNet's time right: the UNet pass ends early by raising from a forward hook, so a post-hook on
-the UNet would never fire.
+``clipfusion.detector.fuse_components``) are wrapped on the instances for the duration of a ``with`` block
+only: nothing else changes, no code path is altered. Wrapping the method rather than hooking the module is
+what makes the UNet's time right: the UNet pass ends early by raising from a forward hook, so a post-hook
+on the UNet would never fire.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class StageProbe:
             ("CLIP", clip, "window_embeddings"),
             ("VAE", diffusion, "encode_latents"),
             ("UNet", diffusion, "run_unet"),
-            ("fusion", detector_module, "fuse"),
+            ("fusion", detector_module, "fuse_components"),
         ]
         self.targets = [(s, o, a) for s, o, a in candidates if o is not None and hasattr(o, a)]
         wanted = {"CLIP": clip, "VAE": diffusion, "UNet": diffusion, "fusion": detector_module}

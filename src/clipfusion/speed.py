@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from clipfusion.fusion import fuse
 from clipfusion.runtime import process_memory, reset_peak_memory
 
 
@@ -76,17 +75,8 @@ def stage_seconds(detector: Any, image: Image.Image) -> dict[str, float]:
                 lambda b=branch: b.predict([image], batch_size=1), torch.device("cpu")
             )
             outputs.update(produced)
-    cfg = detector.config
     start = time.perf_counter()
-    fuse(
-        {k: v.float().cpu() for k, v in outputs.items() if k != "s_clip_L"},
-        outputs.get("s_clip_L"),
-        alpha_map=cfg.alpha_map,
-        alpha_score=cfg.alpha_score,
-        sigma=cfg.sigma,
-        output_size=cfg.output_size,
-        score_mode=cfg.score_mode,
-    )
+    detector.fuse({k: v.float().cpu() for k, v in outputs.items()})  # the detector's own fusion and terms
     seconds["fusion"] = time.perf_counter() - start
     return seconds
 

@@ -26,13 +26,13 @@ def test_stage_probe_charges_outermost_calls_and_restores_everything():
         def __init__(self) -> None:
             self.clip, self.diffusion = _Branch(), None
 
-    det, fuse = Det(), detector_module.fuse
+    det, fuse = Det(), detector_module.fuse_components
     with StageProbe(det, "cpu") as probe:
         assert det.clip.encode(1) == 2
     assert probe.calls["CLIP"] == 1  # the nested stage call is not charged twice
     assert probe.seconds["CLIP"] >= 0.001
     assert vars(det.clip) == {}  # the class methods are visible again
-    assert detector_module.fuse is fuse
+    assert detector_module.fuse_components is fuse
     assert probe.missing == []
 
 
