@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from clipfusion.cli.options import (
     EXIT_OK,
@@ -69,10 +70,17 @@ def run(args: argparse.Namespace) -> int:
     note = random_weights_banner(config)
     if note:
         warn(note)
-    evaluate(
-        args.dataset,
-        args.root,
-        out,
+    evaluate(args.dataset, args.root, out, **_protocol_options(args, config, note), save_maps=args.save_maps)
+    print((out / "summary.md").read_text(encoding="utf-8"))
+    say(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}")
+    if args.save_maps:
+        say(f"maps: {out / 'maps'} (`clipfusion sweep {out} --grid ...` re-evaluates the fusion options)")
+    return EXIT_OK
+
+
+def _protocol_options(args: argparse.Namespace, config: CLIPFusionConfig, note: str) -> dict[str, Any]:
+    """The keywords a plain evaluation and a grid take alike from the command line."""
+    return dict(
         config=config,
         categories=args.category,
         shots=args.shots,
@@ -84,13 +92,7 @@ def run(args: argparse.Namespace) -> int:
         note=f"**{note}**" if note else "",
         skip_bad=args.skip_bad,
         weights_dir=weights_dir(args),
-        save_maps=args.save_maps,
     )
-    print((out / "summary.md").read_text(encoding="utf-8"))
-    say(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'summary.md'}")
-    if args.save_maps:
-        say(f"maps: {out / 'maps'} (`clipfusion sweep {out} --grid ...` re-evaluates the fusion options)")
-    return EXIT_OK
 
 
 def _checked_out(args: argparse.Namespace, out: Path) -> Path:
@@ -120,18 +122,8 @@ def run_grid(args: argparse.Namespace, config: CLIPFusionConfig) -> int:
         args.dataset,
         args.root,
         out,
-        config=config,
         grid=grid,
-        categories=args.category,
-        shots=args.shots,
-        seeds=args.seeds,
-        resume=args.resume,
-        batch_size=args.batch_size,
-        progress=show_progress(args),
-        log=say,
-        note=f"**{note}**" if note else "",
-        skip_bad=args.skip_bad,
-        weights_dir=weights_dir(args),
+        **_protocol_options(args, config, note),
         latent_memory_mb=DEFAULT_LATENT_MEMORY_MB if args.latent_memory_mb is None else args.latent_memory_mb,
     )
     print((out / "table.md").read_text(encoding="utf-8"))

@@ -54,7 +54,7 @@ from clipfusion.evaluation.gridspec import (
     short_key,
     value_text,
 )
-from clipfusion.evaluation.results import ResultStore, RunKey
+from clipfusion.evaluation.results import METRIC_COLUMNS, ResultStore, RunKey
 
 GRID_FILE = "grid.json"
 DEFAULT_LATENT_MEMORY_MB = 1024
@@ -668,15 +668,7 @@ def _point_rows(points: list[GridPoint], runs: dict[str, list[dict[str, Any]]]) 
     for point in points:
         for run in runs.get(point.folder.name, []):
             row = {"point": point.index + 1, **run}
-            for column in (
-                "image_auroc",
-                "image_ap",
-                "image_f1_max",
-                "pixel_auroc",
-                "pixel_ap",
-                "pixel_f1_max",
-                "pixel_aupro",
-            ):
+            for column in METRIC_COLUMNS:
                 if row.get(column) is None:
                     row[column] = math.nan
             rows.append(row)
