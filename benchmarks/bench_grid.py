@@ -1,12 +1,13 @@
 """Cost of a 4 timesteps × 3 blocks grid (`evaluate --grid`) against one plain run, in one process.
 
-The same detector (models loaded once) runs, alternately, one plain ``evaluate`` (t = 100, block up_blocks.1:
-the preset's configuration) and one ``evaluate --grid diffusion.timestep=50,100,200,400
-diffusion.feature_blocks=up_blocks.0,up_blocks.1,up_blocks.2`` (12 points) on the same synthetic category,
-shots and seeds. *Model time* is the time spent inside the models — VAE encoder, UNet passes, CLIP branch —
-measured by the same wrappers in both; the map arithmetic, fusion, metrics and file writing are reported
-separately (the grid does them 12 times). Separate runs would cost 12× the plain run's model time; the issue's
-target is ≤ 2.3×.
+Two detectors built once from the same seeded weights (the plain one as the preset configures it, the grid's
+keeping every block a point reads, as ``evaluate --grid`` builds it) run, alternately, one plain ``evaluate``
+(t = 100, block up_blocks.1: the preset's configuration) and one ``evaluate --grid
+diffusion.timestep=50,100,200,400 diffusion.feature_blocks=up_blocks.0,up_blocks.1,up_blocks.2`` (12 points)
+on the same synthetic category, shots and seeds. *Model time* is the time spent inside the models — VAE
+encoder, UNet passes, CLIP branch — measured by the same wrappers in both; the map arithmetic, fusion, metrics
+and file writing are reported separately (the grid does them 12 times). Separate runs would cost 12× the plain
+run's model time; the issue's target is ≤ 2.3×.
 
 Random weights (``tiny``, ``random-full``): compute only, never detection quality.
 
@@ -213,7 +214,8 @@ def markdown(
         "",
         "Grid: `diffusion.timestep=50,100,200,400` × "
         "`diffusion.feature_blocks=up_blocks.0,up_blocks.1,up_blocks.2` (12 points) against one plain "
-        "`evaluate` (t = 100, up_blocks.1), same detector, same data, "
+        "`evaluate` (t = 100, up_blocks.1), same weights (the grid's detector keeps every block a point "
+        "reads), same data, "
         "alternated; model time = VAE encoder + UNet passes + CLIP branch (the same wrappers in both). "
         f"Separate runs: 12×; target ≤ {TARGET}×.",
         "",
