@@ -1,0 +1,143 @@
+"""Where the fp32 inference peak above the loaded models comes from: the SD-2 VAE encoder at 512².
+
+The speed issue's memory target (< 5 GB peak at the resolved dtype, random-full, k = 1) fails by about
+0.4 GB on a CPU without AMX: 4.7 GB are resident once the float32 models are loaded, and the peak during a
+prediction is about 0.7 GB higher. This script isolates the VAE encoder (the only stage that works at
+512 × 512 with 128 channels: 134 MB per activation) and reports, in a fresh process per variant, its peak
+above the resident set for one image, and each top-level block's own transient peak, with and without
+channels-last and in-place SiLU. It is the measurement a fix must move; it changes nothing itself.
+
+    python benchmarks/bench_vae_memory.py                    # prints a markdown table (about a minute)
+    python benchmarks/bench_vae_memory.py --out benchmarks/results/vae_memory.md
+
+Random-init weights (the shipped SD-2 VAE configuration): memory and time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 1e9
+VARIANTS = {
+    "channels-last, SiLU in place (what MapDiff builds)": ("channels_last", "inplace"),
+    "channels-last": ("channels_last",),
+    "contiguous, SiLU in place": ("inplace",),
+    "contiguous": (),
+}
+
+
+def child(options: list[str]) -> dict:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from clipfusion.runtime import process_memory, reset_peak_memory
+
+    config_dir = Path(__file__).resolve().parents[1] / "src/clipfusion/models/configs/sd2-inpainting/vae"
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(json.loads((config_dir / "config.json").read_text())).eval()
+    vae.decoder = None
+    encoder = vae.encoder
+    if "channels_last" in options:
+        encoder.to(memory_format=torch.channels_last)
+    if "inplace" in options:
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.SiLU):
+                module.inplace = True
+    pixels = torch.randn(1, 3, 512, 512)
+    if "channels_last" in options:
+        pixels = pixels.to(memory_format=torch.channels_last)
+    blocks: dict[str, float] = {}
+    start_rss: dict[str, int] = {}
+    top = [("conv_in", encoder.conv_in)]
+    top += [(f"down_blocks.{i}", b) for i, b in enumerate(encoder.down_blocks)]
+    top += [("mid_block", encoder.mid_block), ("conv_norm_out", encoder.conv_norm_out)]
+    top += [("conv_out", encoder.conv_out)]
+    measuring = False
+
+    def before(name: str):
+        def hook(*_args: object) -> None:
+            if measuring:
+                reset_peak_memory()
+                start_rss[name] = process_memory()["rss"]
+
+        return hook
+
+    def after(name: str):
+        def hook(*_args: object) -> None:
+            if measuring:
+                blocks[name] = (process_memory()["peak_rss"] - start_rss[name]) / GB
+
+        return hook
+
+    for name, module in top:
+        module.register_forward_pre_hook(before(name))
+        module.register_forward_hook(after(name))
+    with torch.inference_mode():
+        encoder(pixels)  # warm-up: oneDNN primitives and allocator pools
+        measuring = True
+        reset_peak_memory()
+        resident = process_memory()["rss"]
+        begin = time.perf_counter()
+        encoder(pixels)
+        seconds = time.perf_counter() - begin
+        measuring = False
+        peak = process_memory()["peak_rss"]
+        # the whole-pass peak is read after the per-block hooks reset it: take their maximum too
+    whole = max((peak - resident) / GB, max(blocks.values()))
+    return {"resident_gb": resident / GB, "peak_above_gb": whole, "seconds": seconds, "blocks": blocks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown there (default: print only)")
+    ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.child)))
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.machine import flags_line, machine_info
+
+    machine = machine_info("cpu")
+    results = {}
+    for label, options in VARIANTS.items():
+        run = subprocess.run(
+            [sys.executable, __file__, "--child", *options], capture_output=True, text=True, check=True
+        )
+        results[label] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{label}: {results[label]['peak_above_gb']:.2f} GB above resident", file=sys.stderr)
+    names = list(next(iter(results.values()))["blocks"])
+    lines = [
+        "# VAE encoder at 512², float32: its peak above the resident set",
+        "",
+        "> random-init weights (the shipped SD-2 VAE configuration): memory and time only.",
+        "",
+        "Command: `python benchmarks/bench_vae_memory.py`; one image, batch 1, after a warm-up pass, "
+        f"one fresh process per variant. Machine: **{flags_line(machine)}**, "
+        f"torch {machine['versions']['torch']}, git {machine.get('git')}.",
+        "",
+        "| variant | peak above resident, GB | seconds | " + " | ".join(names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for label, r in results.items():
+        cells = " | ".join(f"{r['blocks'].get(n, 0.0):.2f}" for n in names)
+        lines.append(f"| {label} | {r['peak_above_gb']:.2f} | {r['seconds']:.2f} | {cells} |")
+    lines += [
+        "",
+        "Block columns: each top-level encoder module's own transient peak above the resident set when it "
+        "starts (GB). One 512² activation with 128 channels is 0.134 GB.",
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
