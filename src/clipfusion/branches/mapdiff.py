@@ -145,8 +145,9 @@ def use_inplace_activations(encoder: torch.nn.Module) -> int:
 
     In the encoder every SiLU follows a GroupNorm whose output nothing else reads (there is no time
     embedding in a VAE), so the values are identical, while each activation at 512 px no longer allocates
-    (and page-faults in) a fresh 134 MB tensor: less time and a lower memory peak. Not for the UNet, whose
-    resnets apply SiLU to the time embedding they share.
+    (and page-faults in) a fresh 134 MB tensor. It does not lower the peak, which the convolutions of the
+    first block set (``benchmarks/bench_vae_memory.py``). Not for the UNet, whose resnets apply SiLU to the
+    time embedding they share.
     """
     switched = 0
     for module in encoder.modules():
