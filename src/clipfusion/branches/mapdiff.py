@@ -32,6 +32,7 @@ from PIL import Image
 
 from clipfusion.branches import BranchState, resolve_batch_size
 from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
+from clipfusion.branches.lean_vae import encode_moments, lean_encoder_supported, use_inplace_activations
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import MapDiffConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
@@ -140,23 +141,6 @@ def drop_unreached_modules(unet: torch.nn.Module, module_names: Sequence[str]) -
     return dropped
 
 
-def use_inplace_activations(encoder: torch.nn.Module) -> int:
-    """Make the SiLU activations of a VAE encoder work in place; returns how many were switched.
-
-    In the encoder every SiLU follows a GroupNorm whose output nothing else reads (there is no time
-    embedding in a VAE), so the values are identical, while each activation at 512 px no longer allocates
-    (and page-faults in) a fresh 134 MB tensor. It does not lower the peak, which the convolutions of the
-    first block set (``benchmarks/bench_vae_memory.py``). Not for the UNet, whose resnets apply SiLU to the
-    time embedding they share.
-    """
-    switched = 0
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.SiLU) and not module.inplace:
-            module.inplace = True
-            switched += 1
-    return switched
-
-
 def _tensor_output(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -199,8 +183,12 @@ class MapDiff:
         self.dropped_modules = [n for n, m in unet.named_modules() if isinstance(m, DroppedModule)]
         self._check_components()
         self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
+        self._tokens: dict[tuple[str, str], PromptTokens] = {}
         self._noise: dict[tuple[int, ...], torch.Tensor] = {}
         self._encoder_fn: Any = None
+        #: encode through :mod:`clipfusion.branches.lean_vae` where the VAE's structure allows (same latents,
+        #: fewer 512² activations alive); False runs diffusers' own forward (the benchmarks' "before")
+        self.lean_vae = True
         self.object_name: str | None = None
         self.prompts: dict[str, PromptTokens] = {}
         # memory_bank[(state word, noise draw)][feature block] = (M, C) reference features
@@ -542,6 +530,10 @@ class MapDiff:
             if self.config.compile:
                 moments = self._compiled_encoder()(pixels)
                 mean = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution's mean half
+            elif self.lean_vae and lean_encoder_supported(self.vae):
+                # diffusers' pass, same values, with fewer 512² activations alive at once (lean_vae.py)
+                moments = encode_moments(self.vae, pixels)
+                mean = moments[:, : moments.shape[1] // 2]
             else:
                 mean = self.vae.encode(pixels).latent_dist.mean
             z0 = mean.float() * float(self.vae.config.scaling_factor)
