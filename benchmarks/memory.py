@@ -40,10 +40,12 @@ WORKER_PRELOAD = (
 
 
 def undo_memory_optimisations(det: Any) -> None:
-    """The "before" of the memory table: the VAE's activations out of place again (the UNet was built with
-    ``early_exit=false``, so nothing of it was dropped)."""
+    """The "before" of the memory table: diffusers' own VAE forward with its activations out of place again
+    (the UNet was built with ``early_exit=false``, so nothing of it was dropped; glibc's default heap, see
+    :func:`memory_worker`)."""
     diffusion = getattr(det, "diffusion", None)
     if diffusion is not None:
+        diffusion.lean_vae = False
         for module in diffusion.vae.encoder.modules():
             if isinstance(module, torch.nn.SiLU):
                 module.inplace = False
@@ -61,6 +63,10 @@ def memory_worker(spec_path: str | Path) -> int:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     start_status = process_memory()
+    if spec.get("plain"):  # glibc's own mmap threshold, not CLIPFusion's (runtime.map_large_blocks)
+        import clipfusion.detector
+
+        clipfusion.detector.map_large_blocks = lambda: False  # type: ignore[assignment]
     start = time.perf_counter()
     det = build_detector(spec["preset"], spec["overrides"])
     if spec.get("plain"):

@@ -259,7 +259,9 @@ def memory_section(memory: list[dict[str, Any]], preset: str, on: str) -> list[s
         f"`{preset}`, 1-shot, batch 1, text encoders released after the fit (as `predict` and `evaluate` "
         "do). Inference = `VmHWM` after `echo 5 > /proc/self/clear_refs`; whole life includes the build. "
         "`before`: "
-        "the same dtype with the UNet's unreached blocks kept and the VAE's activations out of place. The "
+        "the same dtype with the UNet's unreached blocks kept, diffusers' own VAE forward with its "
+        "activations out of place (not the lean pass of `clipfusion.branches.lean_vae`) and glibc's "
+        "default mmap threshold (not `runtime.map_large_blocks`). The "
         "time column is one call per image in a fresh process (not interleaved): the only timing a dtype "
         "too slow to interleave gets. GB = 10⁹ bytes.",
         "",

@@ -22,7 +22,13 @@ from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_c
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.fusion import MAP_NAMES, fuse_components
 from clipfusion.progress import progress_bar
-from clipfusion.runtime import dtype_name, free_device_memory, resolve_placement, return_freed_memory
+from clipfusion.runtime import (
+    dtype_name,
+    free_device_memory,
+    map_large_blocks,
+    resolve_placement,
+    return_freed_memory,
+)
 
 ImageLike = str | Path | Image.Image
 log = logging.getLogger(__name__)
@@ -125,6 +131,10 @@ class CLIPFusion:
                 raise ConfigError(f"the {name} branch given does not implement clipfusion.branches.Branch")
         if (clip is None and self.config.use_clip) or (diffusion is None and self.config.use_diffusion):
             from clipfusion.models.weights import apply_weights_dir
+
+            # before any weights exist: they, and the text encoders freed later, must not leave the heap
+            # full of holes that the activations then fill and keep resident (runtime.map_large_blocks)
+            map_large_blocks()
 
             # the weights folder replaces hub ids by local paths for loading only; self.config keeps the
             # portable names that results record

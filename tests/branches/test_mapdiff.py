@@ -160,8 +160,10 @@ def test_prompt_embeddings_are_cached_and_text_encoder_can_be_released(tiny: Map
     branch.fit("hazelnut", [])
     cached = branch.prompt_embeddings("hazelnut", "damage")
     assert cached.shape == (1, 77, tiny.unet.config.cross_attention_dim)
+    tokens = branch.tokenize_prompt("hazelnut", "damage")
     branch.release_text_encoder()
-    assert branch.text_encoder is None
+    assert branch.text_encoder is None and branch.tokenizer is None
+    assert branch.tokenize_prompt("hazelnut", "damage") is tokens  # cached with the embeddings
     assert branch.prompt_embeddings("hazelnut", "damage") is cached
     out = branch.fit("hazelnut", []).predict(images(1))
     assert "diff_L" in out

@@ -329,6 +329,14 @@ class MapDiff:
         (CLIP's BPE works word by word, so a word that splits into several tokens occupies consecutive
         positions), then checked against the tokenized prompt; a template where that does not hold is refused.
         """
+        cached = self._tokens.get((object_name, state))
+        if cached is not None:
+            return cached
+        if self.tokenizer is None:
+            raise ClipfusionError(
+                f"the text encoder and tokenizer were released and no prompt is cached for {object_name!r} / "
+                f"{state!r}; fit every object before calling release_text_encoder()"
+            )
         template = self.config.prompt_template
         text = template.format(object=object_name, state=state)
         length = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
@@ -362,7 +370,8 @@ class MapDiff:
                 f"cannot locate the state word {state!r} in the tokenized prompt {text!r}; keep {{state}} a "
                 "separate word in diffusion.prompt_template"
             )
-        return PromptTokens(text, state, ids, tuple(positions), end)
+        tokens = self._tokens[(object_name, state)] = PromptTokens(text, state, ids, tuple(positions), end)
+        return tokens
 
     def prompt_embeddings(self, object_name: str, state: str) -> torch.Tensor:
         """Text-encoder output ``(1, 77, D)`` for one prompt, cached per object name and state word."""
@@ -389,8 +398,10 @@ class MapDiff:
                 self.prompt_embeddings(name, state)
 
     def release_text_encoder(self) -> None:
-        """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) once every object's prompts are cached."""
+        """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) and its tokenizer (its vocabulary and merges
+        as Python objects) once every object's prompts are cached: the prompts' tokens stay cached too."""
         self.text_encoder = None
+        self.tokenizer = None
 
     # -- saving and loading the fitted state ----------------------------------------------------------------
     def state(self) -> BranchState:
@@ -468,6 +479,7 @@ class MapDiff:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"diffusion state: malformed ({type(exc).__name__}: {exc})") from exc
         self._embeddings.update(embeddings)
+        self._tokens.update({(object_name, word): tokens for word, tokens in prompts.items()})
         self.prompts = prompts
         self.memory_bank = bank
         self._n_references = int(meta.get("shots", 0)) if bank is not None else 0

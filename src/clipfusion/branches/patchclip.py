@@ -259,6 +259,7 @@ class PatchCLIP:
         Only the image tower is needed to score images; asking for an object whose features were not cached
         afterwards is a clear error rather than a silent reload.
         """
+        self.tokenizer = None  # open_clip's BPE tables: ~40 MB of Python objects
         for name in ("transformer", "token_embedding", "ln_final"):
             if hasattr(self.model, name):
                 setattr(self.model, name, None)
