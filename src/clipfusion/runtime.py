@@ -280,10 +280,11 @@ def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     glibc's default raises that threshold to 32 MB as blocks are freed, and serves a request from any free
     hole in the heap before mapping fresh memory. Once the text encoders (1.8 GB of tensors) are freed, the
     heap is full of such holes: the VAE's activations then land in them, and every page they touched stays
-    resident until a trim. Measured on random-full float32: the inference peak above the loaded models fell
-    from 0.57 to 0.42 GB, at the same speed (``benchmarks/RESULTS.md``). The setting is process-wide and only
-    lowers the threshold (glibc starts at 128 KB); :class:`~clipfusion.detector.CLIPFusion` applies it
-    before loading its models. A no-op (False) where the C library is not glibc.
+    resident until a trim. Measured on random-full float32 (the benchmark's memory worker, with the lean VAE
+    pass): the inference peak above the loaded models fell from 0.57 to 0.43 GB, at the same speed. The
+    setting is process-wide and only lowers the threshold (glibc starts at 128 KB);
+    :class:`~clipfusion.detector.CLIPFusion` applies it before loading its models. A no-op (False) where
+    the C library is not glibc.
     """
     libc = _glibc()
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))) if libc is not None else False

@@ -2,13 +2,14 @@
 
 At 512 × 512 the SD-2 VAE encoder's first block holds 128 channels per pixel: one activation is 134 MB in
 float32, and the whole prediction's memory peak above the loaded models is set there
-(``benchmarks/bench_vae_memory.py``). diffusers' forward keeps four of them alive in that block: the
-encoder's own frame holds the block's input while the block's second resnet runs, and each resnet computes
-``(input + h) / output_scale_factor`` out of place, a sum and then a quotient. The pass here walks the same
-modules in the same order with the same operations, but lets go of every tensor as soon as it is no longer
-read and adds the residual in place, so at most three are alive (the resnet's input, which the residual
-needs, and a convolution's input and output). Addition is commutative in IEEE arithmetic and the division
-by 1.0 is exact, so the latents are identical (``tests/branches/test_lean_vae.py``).
+(``benchmarks/bench_vae_memory.py``). diffusers' forward has five of them alive at once in that block
+(measured): the encoder's frame still holds the block's input while the block's second resnet runs, and
+each resnet computes ``(input + h) / output_scale_factor`` out of place, a sum and then a quotient. The pass
+here walks the same modules in the same order with the same operations, but lets go of every tensor as soon
+as it is no longer read and adds the residual in place, so at most three are alive (the resnet's input,
+which the residual needs, and a convolution's input and output): 0.40 GB instead of 0.67 at 512².
+Addition is commutative in IEEE arithmetic and the division by 1.0 is exact, so the latents are identical
+(``tests/branches/test_lean_vae.py``).
 
 :func:`lean_encoder_supported` checks that an encoder has exactly the structure walked here (diffusers'
 ``Encoder`` of ``AutoencoderKL``: resnets without time embedding, up- or down-sampling inside, attention
