@@ -39,12 +39,10 @@ def use_inplace_activations(encoder: torch.nn.Module) -> int:
     return switched
 
 
-def _is_plain_resnet(block: Any) -> bool:
+def _is_plain_resnet(block: Any, resnet_class: type) -> bool:
     """A ``ResnetBlock2D`` as the VAE encoder builds it: no time embedding, no resampling inside."""
-    from diffusers.models.resnet import ResnetBlock2D
-
     return (
-        isinstance(block, ResnetBlock2D)
+        type(block) is resnet_class
         and block.time_emb_proj is None
         and block.upsample is None
         and block.downsample is None
@@ -53,10 +51,14 @@ def _is_plain_resnet(block: Any) -> bool:
 
 
 def lean_encoder_supported(vae: Any) -> bool:
-    """Whether :func:`encode_moments` walks ``vae``'s encoder exactly as diffusers' forward would."""
-    from diffusers.models.autoencoders.vae import Encoder
-    from diffusers.models.resnet import Downsample2D
-    from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D
+    """Whether :func:`encode_moments` walks ``vae``'s encoder exactly as diffusers' forward would (False
+    for a diffusers release that moved or renamed these classes: its own forward then runs)."""
+    try:
+        from diffusers.models.autoencoders.vae import Encoder
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+        from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UNetMidBlock2D
+    except ImportError:
+        return False
 
     encoder = getattr(vae, "encoder", None)
     if type(encoder) is not Encoder:
@@ -64,14 +66,16 @@ def lean_encoder_supported(vae: Any) -> bool:
     if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
         return False
     for block in encoder.down_blocks:
-        if type(block) is not DownEncoderBlock2D or not all(_is_plain_resnet(r) for r in block.resnets):
+        if type(block) is not DownEncoderBlock2D:
+            return False
+        if not all(_is_plain_resnet(r, ResnetBlock2D) for r in block.resnets):
             return False
         if block.downsamplers is not None and not all(type(d) is Downsample2D for d in block.downsamplers):
             return False
     mid = encoder.mid_block
     if mid is None:
         return True
-    return type(mid) is UNetMidBlock2D and all(_is_plain_resnet(r) for r in mid.resnets)
+    return type(mid) is UNetMidBlock2D and all(_is_plain_resnet(r, ResnetBlock2D) for r in mid.resnets)
 
 
 def _resnet(block: Any, hidden: torch.Tensor) -> torch.Tensor:
