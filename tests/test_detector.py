@@ -336,3 +336,24 @@ def test_a_bicubic_overshoot_just_outside_0_1_is_clipped_as_pil_clips():
     clipped = overshoot.clamp(0, 1)
     for a, b in zip(det.predict(overshoot), det.predict(clipped), strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_large_blocks_are_mapped_before_the_models_load_and_only_when_it_loads_them(monkeypatch):
+    """The heap holes the freed text encoders leave must not exist (runtime.map_large_blocks): the
+    threshold is set before the first weight is allocated, and not by a detector given its branches."""
+    import clipfusion.branches.patchclip as patchclip
+    import clipfusion.detector as detector
+
+    events = []
+    monkeypatch.setattr(detector, "map_large_blocks", lambda: events.append("map") or True)
+    original = patchclip.PatchCLIP.from_config.__func__
+    monkeypatch.setattr(
+        patchclip.PatchCLIP,
+        "from_config",
+        classmethod(lambda cls, *a, **k: events.append("load clip") or original(cls, *a, **k)),
+    )
+    CLIPFusion.from_preset("tiny")
+    assert events[:2] == ["map", "load clip"]
+    events.clear()
+    CLIPFusion(load_preset("tiny"), clip=FakeBranch("clip", 8), diffusion=FakeBranch("diffusion", 8))
+    assert events == []
