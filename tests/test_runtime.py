@@ -10,14 +10,13 @@ import torch
 def test_freed_heap_pages_go_back_to_the_system():
     import gc
 
-    from clipfusion.runtime import _glibc, return_freed_memory
+    from clipfusion.runtime import _glibc, process_memory, return_freed_memory
 
     if _glibc() is None:
         pytest.skip("not glibc: nothing to trim")
 
     def rss_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
-        return int(line.split()[1]) / 1e3
+        return process_memory()["rss"] / 1e6
 
     blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KB each: from the heap, not mmap
     pin = torch.ones(16)  # keeps the heap's top in use, so free() alone cannot shrink it
@@ -109,13 +108,11 @@ def test_placement_record_names_what_auto_became():
 
 _HOLE_SCRIPT = """
 import sys
-from pathlib import Path
 import torch
-from clipfusion.runtime import map_large_blocks, return_freed_memory
+from clipfusion.runtime import map_large_blocks, process_memory, return_freed_memory
 
 def rss_mb():
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
-    return int(line.split()[1]) / 1e3
+    return process_memory()["rss"] / 1e6
 
 if sys.argv[1] == "mapped":
     assert map_large_blocks()

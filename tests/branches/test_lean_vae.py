@@ -29,7 +29,7 @@ def vae(config: dict | str, *, channels_last: bool = True, inplace: bool = True)
     return model
 
 
-#: SD-2's encoder shape (two resnets per block, where diffusers holds four activations; four blocks, so the
+#: SD-2's encoder shape (two resnets per block, where diffusers holds five activations; four blocks, so the
 #: middle block's attention works at an eighth of the side) at tiny widths
 TWO_PER_BLOCK = {
     "_class_name": "AutoencoderKL",

@@ -333,10 +333,7 @@ class MapDiff:
         if cached is not None:
             return cached
         if self.tokenizer is None:
-            raise ClipfusionError(
-                f"the text encoder and tokenizer were released and no prompt is cached for {object_name!r} / "
-                f"{state!r}; fit every object before calling release_text_encoder()"
-            )
+            raise self._released(object_name, state)
         template = self.config.prompt_template
         text = template.format(object=object_name, state=state)
         length = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
@@ -378,10 +375,7 @@ class MapDiff:
         key = (object_name, state)
         if key not in self._embeddings:
             if self.text_encoder is None:
-                raise ClipfusionError(
-                    f"the text encoder was released and no prompt embedding is cached for {object_name!r} / "
-                    f"{state!r}; fit every object before calling release_text_encoder()"
-                )
+                raise self._released(object_name, state)
             ids = self.tokenize_prompt(object_name, state).input_ids
             device = next(self.text_encoder.parameters()).device
             with torch.inference_mode():
@@ -396,6 +390,14 @@ class MapDiff:
         for name in object_names:
             for state in self.config.state_words:
                 self.prompt_embeddings(name, state)
+
+    @staticmethod
+    def _released(object_name: str, state: str) -> ClipfusionError:
+        """The error for a prompt asked for after :meth:`release_text_encoder` that was not cached before."""
+        return ClipfusionError(
+            f"the text encoder and tokenizer were released and no prompt is cached for {object_name!r} / "
+            f"{state!r}; fit every object before calling release_text_encoder()"
+        )
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) and its tokenizer (its vocabulary and merges
@@ -541,13 +543,12 @@ class MapDiff:
         with torch.inference_mode():
             if self.config.compile:
                 moments = self._compiled_encoder()(pixels)
-                mean = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution's mean half
             elif self.lean_vae and lean_encoder_supported(self.vae):
                 # diffusers' pass, same values, with fewer 512² activations alive at once (lean_vae.py)
                 moments = encode_moments(self.vae, pixels)
-                mean = moments[:, : moments.shape[1] // 2]
             else:
-                mean = self.vae.encode(pixels).latent_dist.mean
+                moments = self.vae.encode(pixels).latent_dist.parameters
+            mean = moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution's mean half
             z0 = mean.float() * float(self.vae.config.scaling_factor)
         return z0.to(self.device)
 
