@@ -63,12 +63,14 @@ def detector_overrides(device: str, overrides: dict[str, Any], dtype: str | None
     return out
 
 
-def build_detector(preset: str, overrides: dict[str, Any]) -> Any:
+def build_detector(preset: str, overrides: dict[str, Any], objects: list[str] | None = None) -> Any:
+    """``objects``: names whose prompts are encoded while loading, text encoders freed before the image
+    models load (as the command line builds); None keeps the text encoders."""
     from clipfusion.detector import CLIPFusion
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return CLIPFusion.from_preset(preset, **overrides)
+        return CLIPFusion.from_preset(preset, objects=objects, **overrides)
 
 
 def branch_dtypes(det: Any) -> dict[str, str]:

@@ -192,6 +192,56 @@ def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
         det.fit("screw", refs)
 
 
+def test_objects_known_before_loading_are_encoded_and_their_text_encoders_freed_before_the_image_models(
+    monkeypatch,
+):
+    """`CLIPFusion(objects=...)` (what the command line does): the same answers as fit + release, and no
+    text encoder is alive when the VAE and the UNet load, so the two never add up at the peak."""
+    import weakref
+
+    import clipfusion.models.diffusion as diffusion
+
+    loads, alive = [], []
+    original = diffusion.load_diffusion_components
+
+    def recording(config, **kwargs):
+        parts = original(config, **kwargs)
+        if kwargs.get("image_models", True):
+            # every text encoder loaded before must be gone by the time the image models exist
+            alive.append([ref() is not None for ref in loads])
+        elif parts.text_encoder is not None:
+            loads.append(weakref.ref(parts.text_encoder))
+        return parts
+
+    monkeypatch.setattr(diffusion, "load_diffusion_components", recording)
+    refs, queries = _images(1, 1), _images(2, 2)
+    staged = CLIPFusion.from_preset("tiny", objects=["metal_nut", "bottle"])
+    assert len(loads) == 1 and alive == [[False]]
+    assert staged.clip.text_encoder_released and staged.clip.tokenizer is None
+    assert staged.diffusion.text_encoder is None and staged.diffusion.tokenizer is None
+    staged_maps = [r.anomaly_map for r in staged.fit("metal nut", refs).predict(queries)]
+
+    plain = CLIPFusion.from_preset("tiny")
+    assert plain.diffusion.text_encoder is not None and alive[-1] == [False]
+    plain_maps = [r.anomaly_map for r in plain.fit("metal nut", refs).predict(queries)]
+    for a, b in zip(staged_maps, plain_maps, strict=True):
+        np.testing.assert_array_equal(a, b)
+    staged.fit("bottle")  # the second name is prepared too
+    with pytest.raises(ClipfusionError, match="objects"):
+        staged.fit("screw", refs)
+    with pytest.raises(ConfigError, match="text encoders"):
+        CLIPFusion(load_preset("tiny"), objects=["bottle"], text_encoders=False)
+
+
+def test_objects_prepare_and_release_branches_given_ready_made():
+    det = CLIPFusion.from_preset("tiny")
+    twin = CLIPFusion(det.config, clip=det.clip, diffusion=det.diffusion, objects=["cable"])
+    assert twin.diffusion.text_encoder is None and twin.clip.text_encoder_released
+    twin.fit("cable")
+    with pytest.raises(ClipfusionError, match="released"):
+        twin.fit("screw")
+
+
 def test_results_carry_the_native_maps_the_fusion_resized():
     from clipfusion.fusion import fuse_components
 

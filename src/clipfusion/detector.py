@@ -112,6 +112,13 @@ class CLIPFusion:
     ``text_encoders=False`` builds the branches without their text encoders (MapDiff never loads its;
     PatchCLIP drops its text tower once loaded): for a detector whose prompt features come from a saved fit
     (:meth:`load`), which can then not be fitted for new object names.
+
+    ``objects`` names the objects the detector will be fitted for, when they are known before it loads
+    (a command line, an evaluation's categories): their prompt features are computed as each text encoder
+    loads, and the text encoders are freed before the image models load, so the two never share memory (for
+    the paper models in float32 the peak of a run drops by ≈ 1.7 GB, to about the peak of inference alone).
+    The detector is then as after :meth:`prepare` and :meth:`release_text_encoders`: it can be fitted for
+    those names only.
     """
 
     def __init__(
@@ -123,9 +130,15 @@ class CLIPFusion:
         weights_dir: str | Path | None = None,
         local_files_only: bool | None = None,
         text_encoders: bool = True,
+        objects: Iterable[str] | None = None,
     ) -> None:
+        from clipfusion.data import object_name as to_object_name
+
         self.config = config or load_preset("paper")
         self.weights_dir = Path(weights_dir).expanduser() if weights_dir is not None else None
+        names = list(dict.fromkeys(to_object_name(raw, self.config.object_names) for raw in objects or ()))
+        if names and not text_encoders:
+            raise ConfigError("objects need the text encoders: their prompts are encoded while loading")
         for given, name in ((clip, "clip"), (diffusion, "diffusion")):
             if given is not None and not isinstance(given, Branch):
                 raise ConfigError(f"the {name} branch given does not implement clipfusion.branches.Branch")
@@ -144,7 +157,7 @@ class CLIPFusion:
 
                 start = time.perf_counter()
                 clip = PatchCLIP.from_config(
-                    clip_config, local_files_only=local_files_only, text_encoder=text_encoders
+                    clip_config, local_files_only=local_files_only, text_encoder=text_encoders, objects=names
                 )
                 log.debug("CLIP branch %s loaded in %.1f s", clip_config.model, time.perf_counter() - start)
             if diffusion is None and self.config.use_diffusion:
@@ -152,7 +165,10 @@ class CLIPFusion:
 
                 start = time.perf_counter()
                 diffusion = MapDiff.from_config(
-                    diffusion_config, local_files_only=local_files_only, text_encoder=text_encoders
+                    diffusion_config,
+                    local_files_only=local_files_only,
+                    text_encoder=text_encoders,
+                    objects=names,
                 )
                 took = time.perf_counter() - start
                 log.debug("diffusion branch %s loaded in %.1f s", diffusion_config.architecture, took)
@@ -161,6 +177,8 @@ class CLIPFusion:
         self.clip: Branch | None = clip if self.config.use_clip else None
         self.diffusion: Branch | None = diffusion if self.config.use_diffusion else None
         self.branches: list[Branch] = [b for b in (self.clip, self.diffusion) if b is not None]
+        if names:  # branches given ready-made have not seen the names yet (the loaded ones are released)
+            self.prepare(names).release_text_encoders()
         self.object_name: str | None = None
         self.references: list[str] = []
         #: sha256 of each reference file (None for an in-memory image), recorded by :meth:`save`
@@ -172,14 +190,20 @@ class CLIPFusion:
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_preset(
-        cls, name: str = "paper", *, weights_dir: str | Path | None = None, **overrides: Any
+        cls,
+        name: str = "paper",
+        *,
+        weights_dir: str | Path | None = None,
+        objects: Iterable[str] | None = None,
+        **overrides: Any,
     ) -> CLIPFusion:
         """A preset (``paper``, ``tiny``, ``random-full``) with keyword overrides of any option; branch
-        options use double underscores or dots: ``from_preset("tiny", clip__patch_mode="crops")``."""
+        options use double underscores or dots: ``from_preset("tiny", clip__patch_mode="crops")``.
+        ``objects``: as for the constructor."""
         config = load_preset(name)
         if overrides:
             config = with_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
-        return cls(config, weights_dir=weights_dir)
+        return cls(config, weights_dir=weights_dir, objects=objects)
 
     @classmethod
     def from_config_file(cls, path: str | Path, *, weights_dir: str | Path | None = None) -> CLIPFusion:

@@ -122,6 +122,16 @@ def test_random_builds_are_seeded_and_leave_the_global_rng_alone() -> None:
     assert "random tiny" in a.source
 
 
+def test_each_random_component_built_alone_has_the_weights_it_has_in_the_whole() -> None:
+    whole = build_random_components("tiny", seed=4)
+    text = build_random_components("tiny", seed=4, image_models=False)
+    images = build_random_components("tiny", seed=4, text_encoder=False)
+    assert text.unet is None and text.vae is None and images.text_encoder is None
+    assert same_weights(text.text_encoder, whole.text_encoder)
+    assert same_weights(images.unet, whole.unet) and same_weights(images.vae, whole.vae)
+    assert text.tokenizer("a bottle").input_ids == whole.tokenizer("a bottle").input_ids
+
+
 def test_random_build_in_bfloat16() -> None:
     parts = build_random_components("tiny", seed=0, dtype=torch.bfloat16)
     assert {p.dtype for m in (parts.unet, parts.vae, parts.text_encoder) for p in m.parameters()} == {
@@ -190,6 +200,19 @@ def test_local_directory_round_trip(saved) -> None:
     # may pick other kernels for differently aligned (memory-mapped) weights on some CPUs
     for key in ("diff_L", "diff_V"):
         torch.testing.assert_close(outputs[0][key], outputs[1][key], atol=1e-6, rtol=1e-5)
+
+
+def test_a_folder_loads_its_text_encoder_alone_but_checks_every_file_first(saved, tmp_path) -> None:
+    import shutil
+
+    parts, folder = saved
+    text = load_sd2_inpainting(folder, device="cpu", image_models=False)
+    assert text.unet is None and text.vae is None
+    assert same_weights(parts.text_encoder, text.text_encoder)
+    copy = Path(shutil.copytree(folder, tmp_path / "no-unet"))
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsUnavailableError, match="unet/diffusion_pytorch_model.safetensors"):
+        load_sd2_inpainting(copy, image_models=False)
 
 
 def test_variant_weight_files_are_found(saved, tmp_path) -> None:

@@ -117,12 +117,15 @@ class PatchCLIP:
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
         text_encoder: bool = True,
+        objects: Sequence[str] = (),
     ) -> PatchCLIP:
         """Load the model the configuration names (tag, local checkpoint or random) and wrap it.
 
         ``local_files_only`` keeps the hub out of it (default: the hub library's own offline setting).
         ``text_encoder=False`` drops the text tower as soon as the weights are loaded (open_clip builds both
-        towers together): for a branch that gets its text features from :meth:`load_state`.
+        towers together): for a branch that gets its text features from :meth:`load_state`. ``objects``
+        are the object names the branch will be fitted for: their text features are computed and the text
+        tower dropped before this returns (as :meth:`prepare` then :meth:`release_text_encoder`).
         """
         from clipfusion.models.clip import load_open_clip
 
@@ -138,7 +141,9 @@ class PatchCLIP:
             local_files_only=local_files_only,
         )
         branch = cls(model, tokenizer, config)
-        if not text_encoder:
+        if text_encoder:
+            branch.prepare(objects)
+        if objects or not text_encoder:
             branch.release_text_encoder()
         return branch
 
@@ -229,8 +234,9 @@ class PatchCLIP:
             return cached
         if self.text_encoder_released:
             raise ClipfusionError(
-                f"the CLIP text encoder was released to save memory; {object_name!r} was not prepared before "
-                "(prepare every object name before release_text_encoder)"
+                f"the CLIP text encoder was released to save memory; {object_name!r} was not prepared "
+                "before (prepare every object name before release_text_encoder, or name it in the "
+                "detector's objects)"
             )
         rows = []
         with torch.inference_mode():

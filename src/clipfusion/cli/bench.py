@@ -67,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolved_here(config)
     say(f"placement: {json.dumps(resolved)}")
     start = time.perf_counter()
-    detector = CLIPFusion(config, weights_dir=weights_dir(args))
+    # as `clipfusion predict` loads: prompts encoded and text encoders freed before the image models
+    detector = CLIPFusion(config, weights_dir=weights_dir(args), objects=[args.object])
     load_s = time.perf_counter() - start
     say(f"loaded in {load_s:.1f} s")
     start = time.perf_counter()
-    detector.fit(args.object, references).release_text_encoders()
+    detector.fit(args.object, references)
     fit_s = time.perf_counter() - start
     batch = args.batch_size or detector.default_batch_size
     figures = measure(

@@ -116,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
         warn(banner)
     start = time.perf_counter()
     say(f"[1/4] loading models ({config.preset} configuration)")
-    detector = CLIPFusion(config, weights_dir=weights_dir(args))
+    # the object is known before loading: its prompts are encoded and the text encoders freed before the
+    # image models load (the lowest peak memory)
+    detector = CLIPFusion(config, weights_dir=weights_dir(args), objects=[args.object])
     regime = f"{len(refs)}-shot" if refs else "zero-shot"
     say(f"[2/4] fitting {args.object!r} ({regime})")
-    detector.fit(args.object, refs).release_text_encoders()
+    detector.fit(args.object, refs)
     thresholds = None
     if calib:
         q = args.quantile if args.quantile is not None else DEFAULT_QUANTILE

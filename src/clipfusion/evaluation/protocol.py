@@ -264,12 +264,16 @@ def evaluate(
         from clipfusion.detector import CLIPFusion
 
         log(f"loading the models ({config.preset} preset, device {config.device}, {config.dtype})")
-        detector = CLIPFusion(config, weights_dir=weights_dir)
+        # every category's prompts are encoded while loading, the text encoders freed before the image
+        # models load (the lowest peak memory)
+        detector = CLIPFusion(
+            config, weights_dir=weights_dir, objects=dict.fromkeys(k.category for k in todo)
+        )
     else:
         detector = detector_factory(config)
     if hasattr(detector, "resolved"):  # what "auto" became on this machine, beside the configuration
         store.header["resolved"] = detector.resolved
-    # every category's prompts are computed now; the text encoders are then dead weight
+    # a detector from the factory: every category's prompts now, then the text encoders are dead weight
     detector.prepare(dict.fromkeys(key.category for key in todo)).release_text_encoders()
     size = config.output_size
     for index, key in enumerate(todo, 1):

@@ -185,39 +185,40 @@ def build_random_components(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     text_encoder: bool = True,
+    image_models: bool = True,
 ) -> SD2Components:
     """The architecture from the shipped configs with seeded random weights (no download).
 
     The global RNG is forked so building a model never changes the caller's random stream; weights depend only
     on ``seed`` (initialised in float32 on the CPU, then moved), so every machine builds the same model. The
-    text encoder is drawn last, so ``text_encoder=False`` (not built: ``None``) leaves the UNet and the VAE
-    as they are with it.
+    image models (UNet, then VAE) draw from the stream of ``seed``, the text encoder from its own (``seed`` +
+    1), so either part can be built alone with the weights it has in the whole: ``text_encoder=False`` leaves
+    the text encoder out (``None``), ``image_models=False`` the VAE and the UNet (a text encoder loaded, used
+    and freed before the image models exist: :meth:`clipfusion.branches.mapdiff.MapDiff.from_config` with
+    ``objects``).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = shipped_config_dir(architecture)
     target = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # each component is moved to its device and dtype as soon as it is built (the draws stay in the same
-        # order, so the weights do not change): a bfloat16 build then holds at most one float32 component
-        # at a time, not all three (≈ 5.2 GB for random-full)
-        unet = _placed(
-            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet")), target, dtype
-        )
-        vae = _placed(AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")), target, dtype)
-        encoder = (
-            _placed(
-                CLIPTextModel(CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json")),
-                target,
-                dtype,
-            )
-            if text_encoder
-            else None
-        )
+
+    # each component is moved to its device and dtype as soon as it is built: a bfloat16 build then holds
+    # at most one float32 component at a time, not all three (≈ 5.2 GB for random-full)
+    unet = vae = encoder = None
+    if image_models:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet_config = UNet2DConditionModel.load_config(root / "unet")
+            unet = _placed(UNet2DConditionModel.from_config(unet_config), target, dtype)
+            vae = _placed(AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")), target, dtype)
+    if text_encoder:
+        text_config = CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            encoder = _placed(CLIPTextModel(text_config), target, dtype)
     scheduler = _scheduler_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
-    components = SD2Components(
+    return SD2Components(
         vae,
         unet,
         encoder,
@@ -225,7 +226,6 @@ def build_random_components(
         scheduler,
         source=f"random {architecture} (seed {seed})",
     )
-    return components
 
 
 def _placed(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -366,9 +366,11 @@ def load_sd2_inpainting(
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
     text_encoder: bool = True,
+    image_models: bool = True,
 ) -> SD2Components:
     """The pretrained components from a hub id or a local diffusers-format directory (safetensors only);
-    ``text_encoder=False`` does not load the text encoder (``None``)."""
+    ``text_encoder=False`` does not load the text encoder (``None``), ``image_models=False`` neither the
+    VAE nor the UNet (every file is still checked first, so a missing one fails before anything loads)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -377,8 +379,10 @@ def load_sd2_inpainting(
     )
     safe = {"use_safetensors": True, "local_files_only": True, "variant": weights_variant(directory)}
     try:
-        unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype, **safe)
-        vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype, **safe)
+        unet = vae = None
+        if image_models:
+            unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype, **safe)
+            vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype, **safe)
         encoder = (
             CLIPTextModel.from_pretrained(
                 directory / "text_encoder", dtype=dtype, trust_remote_code=False, **safe
@@ -436,9 +440,11 @@ def load_diffusion_components(
     cache_dir: str | Path | None = None,
     local_files_only: bool | None = None,
     text_encoder: bool = True,
+    image_models: bool = True,
 ) -> SD2Components:
     """The components a :class:`~clipfusion.config.MapDiffConfig` names (pretrained or random), placed;
-    without the text encoder (``None``) when ``text_encoder`` is False."""
+    without the text encoder (``None``) when ``text_encoder`` is False, without the VAE and the UNet when
+    ``image_models`` is False."""
     from clipfusion.runtime import resolve_device, resolve_dtype
 
     config = config.placed()  # a branch section alone: the package's default placement where unset
@@ -446,7 +452,12 @@ def load_diffusion_components(
     dt = resolve_dtype(config.dtype if dtype is None else dtype, dev)
     if config.weights == "random":
         return build_random_components(
-            config.architecture, seed=config.init_seed, device=dev, dtype=dt, text_encoder=text_encoder
+            config.architecture,
+            seed=config.init_seed,
+            device=dev,
+            dtype=dt,
+            text_encoder=text_encoder,
+            image_models=image_models,
         )
     if config.weights != "pretrained":
         raise ConfigError(f"diffusion.weights must be 'pretrained' or 'random', got {config.weights!r}")
@@ -458,4 +469,5 @@ def load_diffusion_components(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         text_encoder=text_encoder,
+        image_models=image_models,
     )
