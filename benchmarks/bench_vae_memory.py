@@ -5,8 +5,8 @@ CPU without AMX: about 4.7 GB are resident once the float32 models are loaded, a
 stage that works at 512 × 512 with 128 channels (134 MB per activation). This script isolates it and
 reports, in a fresh process per variant, its peak above the resident set for one image, and each top-level
 block's own transient peak: diffusers' forward against MapDiff's lean pass (``clipfusion.branches.lean_vae``:
-same latents bit for bit, one activation released as soon as nothing reads it), with and without
-channels-last and in-place SiLU.
+same latents bit for bit, each activation released as soon as nothing reads it, the first block banded), with
+and without banding, channels-last and in-place SiLU.
 
     python benchmarks/bench_vae_memory.py                    # prints a markdown table (about a minute)
     python benchmarks/bench_vae_memory.py --out benchmarks/results/vae_memory.md
@@ -25,7 +25,12 @@ from pathlib import Path
 
 GB = 1e9
 VARIANTS = {
-    "lean pass, channels-last, SiLU in place (what MapDiff runs)": ("lean", "channels_last", "inplace"),
+    "lean pass, banded, channels-last, SiLU in place (what MapDiff runs)": (
+        "lean",
+        "channels_last",
+        "inplace",
+    ),
+    "lean pass, not banded, channels-last, SiLU in place": ("lean", "unbanded", "channels_last", "inplace"),
     "diffusers' pass, channels-last, SiLU in place": ("channels_last", "inplace"),
     "channels-last": ("channels_last",),
     "contiguous, SiLU in place": ("inplace",),
@@ -56,40 +61,41 @@ def child(options: list[str]) -> dict:
     if "channels_last" in options:
         pixels = pixels.to(memory_format=torch.channels_last)
     blocks: dict[str, float] = {}
-    start_rss: dict[str, int] = {}
-    # each top-level block from its first to its last leaf module: the lean pass calls those, not the
-    # blocks or resnets themselves
-    top = [("conv_in", encoder.conv_in, encoder.conv_in)]
-    for i, b in enumerate(encoder.down_blocks):
-        last = b.downsamplers[-1] if b.downsamplers else b.resnets[-1].conv2
-        top.append((f"down_blocks.{i}", b.resnets[0].norm1, last))
-    top.append(("mid_block", encoder.mid_block.resnets[0].norm1, encoder.mid_block.resnets[-1].conv2))
-    top += [(name, getattr(encoder, name), getattr(encoder, name)) for name in ("conv_norm_out", "conv_out")]
+    # each top-level block from its first module to the next block's first (the banded pass computes with
+    # the blocks' weights, not through their modules, so only the blocks' first modules are sure to run)
+    top = [("conv_in", encoder.conv_in)]
+    top += [(f"down_blocks.{i}", b.resnets[0].norm1) for i, b in enumerate(encoder.down_blocks)]
+    top.append(("mid_block", encoder.mid_block.resnets[0].norm1))
+    top += [(name, getattr(encoder, name)) for name in ("conv_norm_out", "conv_out")]
     measuring = False
+    current: list[tuple[str, int]] = []
 
-    def before(name: str):
+    def close() -> None:
+        if current:
+            name, start_rss = current.pop()
+            blocks[name] = (process_memory()["peak_rss"] - start_rss) / GB
+
+    def opener(name: str):
         def hook(*_args: object) -> None:
             if measuring:
+                close()
                 reset_peak_memory()
-                start_rss[name] = process_memory()["rss"]
+                current.append((name, process_memory()["rss"]))
 
         return hook
 
-    def after(name: str):
-        def hook(*_args: object) -> None:
-            if measuring:
-                blocks[name] = (process_memory()["peak_rss"] - start_rss[name]) / GB
-
-        return hook
-
-    for name, first, last in top:
-        first.register_forward_pre_hook(before(name))
-        last.register_forward_hook(after(name))
+    for name, first in top:
+        first.register_forward_pre_hook(opener(name))
+    encoder.conv_out.register_forward_hook(lambda *_args: close() if measuring else None)
     if "lean" in options:
         from clipfusion.branches.lean_vae import encode_moments
 
+        band_min_bytes = 1 << 62 if "unbanded" in options else None
+
         def run(x: torch.Tensor) -> torch.Tensor:
-            return encode_moments(vae, x)
+            if band_min_bytes is None:
+                return encode_moments(vae, x)
+            return encode_moments(vae, x, band_min_bytes=band_min_bytes)
     else:
 
         def run(x: torch.Tensor) -> torch.Tensor:
