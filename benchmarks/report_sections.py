@@ -256,10 +256,11 @@ def memory_section(memory: list[dict[str, Any]], preset: str, on: str) -> list[s
             rows,
         ),
         "",
-        f"`{preset}`, 1-shot, batch 1, text encoders released after the fit (as `predict` and `evaluate` "
-        "do). Inference = `VmHWM` after `echo 5 > /proc/self/clear_refs`; whole life includes the build. "
-        "`before`: "
-        "the same dtype with the UNet's unreached blocks kept, diffusers' own VAE forward with its "
+        f"`{preset}`, 1-shot, batch 1, built as `predict` and `evaluate` build (`CLIPFusion(objects=...)`: "
+        "the prompts encoded and the text encoders freed before the image models load). Inference = "
+        "`VmHWM` after `echo 5 > /proc/self/clear_refs`; whole life includes the build. `before`: "
+        "the same dtype with the text encoders loaded beside the image models and freed after the fit, "
+        "the UNet's unreached blocks kept, diffusers' own VAE forward with its "
         "activations out of place (not the lean pass of `clipfusion.branches.lean_vae`) and glibc's "
         "default mmap threshold (not `runtime.map_large_blocks`). The "
         "time column is one call per image in a fresh process (not interleaved): the only timing a dtype "

@@ -25,7 +25,7 @@ from benchmarks import LABEL
 from benchmarks.common import detector_overrides, load_inputs, make_inputs
 from benchmarks.faithfulness import faithfulness
 from benchmarks.machine import machine_info, measure_peaks, speed_probe
-from benchmarks.memory import MemoryRun, start_worker_server
+from benchmarks.memory import MemoryRun, worker_context
 from benchmarks.settings import Settings, add_arguments, settings_from_args
 from benchmarks.timing import CpuMonitor
 from clipfusion.runtime import return_freed_memory
@@ -96,7 +96,8 @@ def _run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
             size=settings.image_size,
         )
         references, queries = load_inputs(data)
-        server = start_worker_server() if settings.memory and settings.early_worker_server else None
+        # a fork server starts early, so its imports overlap the timed sections (smoke runs)
+        server = worker_context(fresh=False) if settings.memory and not settings.fresh_workers else None
 
         from benchmarks.comparison import comparison_section
 
@@ -177,7 +178,7 @@ def memory_section(
     then every dtype's maps against float32's."""
     results["memory"] = []
     outputs = {}
-    server = server or start_worker_server()
+    server = server or worker_context(settings.fresh_workers)
     for job in memory_runs(settings, results, data, workdir):
         log(f"memory worker {job.name} …")
         result = section(f"memory {job.name}", lambda job=job: job.start(server).wait())

@@ -45,7 +45,8 @@ class Settings:
     ablation_repeats: int = 3
     ablation_compile: bool = True
     profile: bool = True
-    early_worker_server: bool = False
+    #: memory workers in a fresh interpreter each (spawn), not forked from a preloaded server (memory.py)
+    fresh_workers: bool = True
     matmul_n: int = 2048
     conv_shapes: tuple[tuple[int, int], ...] = CONV_SHAPES
     conv_batch: int = 1
@@ -131,7 +132,7 @@ def settings_from_args(args: argparse.Namespace, command: str = "") -> Settings:
         s.stage_repeats, s.faith_images, s.image_size = 1, 2, 256
         s.ablation_repeats, s.ablation_compile = 1, False
         s.matmul_n, s.conv_shapes, s.peak_repeats = 256, ((64, 32), (128, 16)), 2
-        s.quick, s.early_worker_server = True, True
+        s.quick, s.fresh_workers = True, False
         # one thread: the worker server's imports then take the other core, instead of stalling the
         # OpenMP barriers of a two-thread pool (smoke-run timings mean nothing anyway)
         s.threads = 1
