@@ -57,9 +57,9 @@ def memory_worker(spec_path: str | Path) -> int:
     Records ``VmHWM`` after build + fit (the whole life so far), then resets it and records it again after
     inference (the inference peak alone); writes the outputs for the faithfulness comparison.
     """
-    from clipfusion.runtime import process_memory, reset_peak_memory
-
     import importlib
+
+    from clipfusion.runtime import process_memory, reset_peak_memory
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):

@@ -257,8 +257,12 @@ def memory_section(memory: list[dict[str, Any]], preset: str, on: str) -> list[s
         ),
         "",
         f"`{preset}`, 1-shot, batch 1, built as `predict` and `evaluate` build (`CLIPFusion(objects=...)`: "
-        "the prompts encoded and the text encoders freed before the image models load). Inference = "
-        "`VmHWM` after `echo 5 > /proc/self/clear_refs`; whole life includes the build. `before`: "
+        "the prompts encoded and the text encoders freed before the image models load). Each configuration "
+        "runs in a fresh interpreter (spawned), so its peaks count the pages its imports map, as a user's "
+        "process does (runs before git 2107898 forked workers off a preloaded server, whose shared-library "
+        "pages did not count: ≈ 0.3 GB lower). Inference = "
+        "`VmHWM` after `echo 5 > /proc/self/clear_refs`; whole life includes the imports and the build. "
+        "`before`: "
         "the same dtype with the text encoders loaded beside the image models and freed after the fit, "
         "the UNet's unreached blocks kept, diffusers' own VAE forward with its "
         "activations out of place (not the lean pass of `clipfusion.branches.lean_vae`) and glibc's "
