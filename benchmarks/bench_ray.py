@@ -55,7 +55,7 @@ def prepare(preset: str, root: Path, n: int) -> tuple[Path, list[Path]]:
     make_synthetic_dataset(root, categories=["bottle_cap"], n_train=4, n_test=n, image_size=256, seed=3)
     files = sorted((root / "bottle_cap" / "test").rglob("*.png"))[:n]
     refs = sorted((root / "bottle_cap" / "train" / "good").iterdir())[:2] if preset == "tiny" else []
-    detector = CLIPFusion.from_preset(preset).fit("bottle cap", refs).release_text_encoders()
+    detector = CLIPFusion.from_preset(preset, objects=["bottle cap"]).fit("bottle cap", refs)
     detector.save(root / "fitted")
     del detector
     gc.collect()

@@ -78,8 +78,8 @@ def fit_detector(preset: str, root: Path) -> tuple[Path, list[Path]]:
 
     data = make_synthetic_dataset(root / "data", categories=["bottle_cap"], n_train=2, n_test=12, seed=0)
     category = data / "bottle_cap"
-    detector = CLIPFusion.from_preset(preset).fit("bottle cap", [category / "train" / "good" / "000.png"])
-    detector.release_text_encoders()
+    detector = CLIPFusion.from_preset(preset, objects=["bottle cap"])  # text encoders freed before the UNet
+    detector.fit("bottle cap", [category / "train" / "good" / "000.png"])
     folder = detector.save(root / "fitted")
     del detector
     images = sorted((category / "test").rglob("*.png"))
