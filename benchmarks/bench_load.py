@@ -1,6 +1,6 @@
-"""Time and peak memory to a detector ready to predict: fitting it (what `predict --object` does: build both
-branches with their text encoders, embed the prompts, drop the encoders) against loading a saved fit (what
-`predict --fitted` does: build the branches without text encoders, read the saved embeddings).
+"""Time and peak memory to a detector ready to predict: fitting it (what `predict --object` does: each text
+encoder loaded, used for the prompts and freed before the image models load) against loading a saved fit
+(what `predict --fitted` does: build the branches without text encoders, read the saved embeddings).
 
 Each contender runs in a fresh child process (peak RSS is per process), alternating, ``--rounds`` times.
 Zero-shot, so the fit does no image work either: the difference is the text encoders alone.
@@ -41,7 +41,8 @@ def child(mode: str, preset: str, folder: str) -> None:
     if mode == "load":
         detector = CLIPFusion.load(folder)
     else:
-        detector = CLIPFusion(load_preset(preset)).fit(OBJECT).release_text_encoders()
+        # as `predict --object` builds: the prompts encoded, the text encoders freed before the image models
+        detector = CLIPFusion(load_preset(preset), objects=[OBJECT]).fit(OBJECT)
     seconds = time.perf_counter() - start
     memory = process_memory()  # while the detector is alive: what a predicting process holds
     if mode == "save":
