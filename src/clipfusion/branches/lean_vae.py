@@ -245,19 +245,17 @@ def encode_moments(vae: Any, pixels: torch.Tensor, *, band_min_bytes: int = BAND
     Only for an encoder :func:`lean_encoder_supported` accepts; run under ``torch.inference_mode``. A resnet
     whose activation holds at least ``band_min_bytes`` runs banded.
     """
+
+    def big(h: torch.Tensor) -> bool:
+        return h.numel() * h.element_size() >= band_min_bytes
+
     encoder = vae.encoder
     h = encoder.conv_in(pixels)
     for block in encoder.down_blocks:
         for resnet in block.resnets:
-            big = h.numel() * h.element_size() >= band_min_bytes
-            h = _banded_resnet(resnet, h) if big and _bandable(resnet) else _resnet(resnet, h)
-        for downsampler in block.downsamplers or ():
-            big = h.numel() * h.element_size() >= band_min_bytes
-            h = (
-                _banded_downsample(downsampler, h)
-                if big and _bandable_downsampler(downsampler)
-                else downsampler(h)
-            )
+            h = _banded_resnet(resnet, h) if big(h) and _bandable(resnet) else _resnet(resnet, h)
+        for down in block.downsamplers or ():
+            h = _banded_downsample(down, h) if big(h) and _bandable_downsampler(down) else down(h)
     mid = encoder.mid_block
     if mid is not None:
         h = _resnet(mid.resnets[0], h)
