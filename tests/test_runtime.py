@@ -116,7 +116,7 @@ def rss_mb():
 
 if sys.argv[1] == "mapped":
     assert map_large_blocks()
-torch.ones(8 * 1024 * 1024)  # a freed 32 MB block: glibc's default now serves up to 32 MB from the heap
+torch.ones(6 * 1024 * 1024)  # a freed 24 MB block: glibc's default now serves up to 24 MB from the heap
 # a freed heap region below a block still in use (as the text encoders leave behind), trimmed: resident no
 # more, but a free hole
 blocks = [torch.ones(2 * 1024 * 1024) for _ in range(40)]  # 8 MB each, 320 MB
