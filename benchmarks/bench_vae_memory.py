@@ -5,8 +5,9 @@ CPU without AMX: about 4.7 GB are resident once the float32 models are loaded, a
 stage that works at 512 × 512 with 128 channels (134 MB per activation). This script isolates it and
 reports, in a fresh process per variant, its peak above the resident set for one image, and each top-level
 block's own transient peak: diffusers' forward against MapDiff's lean pass (``clipfusion.branches.lean_vae``:
-same latents bit for bit, each activation released as soon as nothing reads it, the first block banded), with
-and without banding, channels-last and in-place SiLU.
+each activation released as soon as nothing reads it, the same latents bit for bit; banded, the first block
+holds one activation at a time and its latents are diffusers' to float32 rounding), with and without banding,
+channels-last and in-place SiLU.
 
     python benchmarks/bench_vae_memory.py                    # prints a markdown table (about a minute)
     python benchmarks/bench_vae_memory.py --out benchmarks/results/vae_memory.md

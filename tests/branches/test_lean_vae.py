@@ -1,7 +1,9 @@
-"""The lean VAE encoder pass: diffusers' latents bit for bit, with one full-size activation fewer alive."""
+"""The lean VAE encoder pass: diffusers' latents (bit for bit, or banded within float32 rounding of them) with
+fewer full-size activations alive."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from clipfusion.branches.lean_vae import encode_moments, lean_encoder_supported, use_inplace_activations
-from clipfusion.runtime import process_memory, reset_peak_memory
+from clipfusion.runtime import reset_peak_memory
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src/clipfusion/models/configs"
 
@@ -55,9 +57,9 @@ BANDED, UNBANDED = 0, 1 << 62
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("config", ["sd-tiny", "sd2-inpainting", "two-per-block"])
 def test_the_lean_pass_gives_diffusers_moments(config: str, channels_last: bool, band_min_bytes: int) -> None:
-    """Bit for bit unbanded; banded, each value comes from the same kernels and inputs, which is bit for bit
-    on the CPUs tested (AVX2, oneDNN) but is checked to rounding: another CPU may pick other kernels for a
-    band than for the whole. 72 px: the first block splits into bands of 32, 32 and 8 rows."""
+    """Bit for bit unbanded. Banded, the normalisations take statistics gathered band by band and the
+    convolutions run on bands, so the moments differ from diffusers' in the last bits: they must be as close
+    to the float64 result as diffusers' own float32 pass is. 72 px: bands of 32, 32 and 8 rows."""
     model = vae(TWO_PER_BLOCK if config == "two-per-block" else config, channels_last=channels_last)
     assert lean_encoder_supported(model)
     x = pixels(2, 72, channels_last=channels_last)
@@ -68,7 +70,17 @@ def test_the_lean_pass_gives_diffusers_moments(config: str, channels_last: bool,
     if band_min_bytes == UNBANDED:
         assert torch.equal(got, expected)
     else:
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert_float32_rounding(got, expected, model, x)
+
+
+def assert_float32_rounding(got: torch.Tensor, expected: torch.Tensor, model, x: torch.Tensor) -> None:
+    """``got`` is no further from the float64 pass than diffusers' float32 pass (``expected``) is, give or
+    take a factor two: a wrong band edge or a wrong group statistic is off by orders of magnitude more."""
+    with torch.inference_mode():
+        exact = copy.deepcopy(model).double().encode(x.double()).latent_dist.parameters
+    ours, theirs = (got.double() - exact).abs().max().item(), (expected.double() - exact).abs().max().item()
+    assert 0 < theirs < 1e-4, theirs
+    assert ours <= 2 * theirs, (ours, theirs)
 
 
 def test_bands_cover_odd_heights_and_bfloat16() -> None:
@@ -77,13 +89,17 @@ def test_bands_cover_odd_heights_and_bfloat16() -> None:
         x = pixels(1, size)
         with torch.inference_mode():
             expected = model.encode(x).latent_dist.parameters
-            torch.testing.assert_close(encode_moments(model, x, band_min_bytes=BANDED), expected)
+            assert_float32_rounding(encode_moments(model, x, band_min_bytes=BANDED), expected, model, x)
+    reference = copy.deepcopy(model)
     model.to(torch.bfloat16)
-    x = pixels(1, 72).to(torch.bfloat16)
+    x = pixels(1, 72)
     with torch.inference_mode():
-        expected = model.encode(x).latent_dist.parameters
-        got = encode_moments(model, x, band_min_bytes=BANDED)
-    torch.testing.assert_close(got, expected)
+        exact = reference.double().encode(x.double()).latent_dist.parameters
+        theirs = model.encode(x.to(torch.bfloat16)).latent_dist.parameters
+        ours = encode_moments(model, x.to(torch.bfloat16), band_min_bytes=BANDED)
+    # bfloat16 keeps 8 bits: both passes are a few 1e-2 off the float64 one; ours no further than diffusers'
+    error_ours, error_theirs = ((m.double() - exact).abs().mean().item() for m in (ours, theirs))
+    assert error_ours <= 1.5 * error_theirs, (error_ours, error_theirs)
 
 
 def test_a_residual_scale_other_than_one_is_divided_as_diffusers_does() -> None:
@@ -114,30 +130,56 @@ def test_structures_the_lean_pass_does_not_walk_take_diffusers_forward() -> None
     assert torch.equal(tiny.encode_latents(x), lean)
 
 
-def _peak_above(run, x: torch.Tensor) -> float:
-    with torch.inference_mode():
-        run(x)  # warm-up: oneDNN primitives, allocator
+_PEAKS_SCRIPT = """
+import json, sys
+import torch
+from diffusers import AutoencoderKL
+from clipfusion.branches.lean_vae import encode_moments, use_inplace_activations
+from clipfusion.runtime import map_large_blocks, process_memory, reset_peak_memory, return_freed_memory
+
+map_large_blocks()  # as CLIPFusion does before loading its models
+torch.manual_seed(0)
+model = AutoencoderKL.from_config(json.loads(sys.argv[1])).eval().to(memory_format=torch.channels_last)
+model.decoder = None
+use_inplace_activations(model.encoder)
+x = (torch.rand(1, 3, 1024, 1024) * 2 - 1).contiguous(memory_format=torch.channels_last)
+passes = {
+    "plain": lambda: model.encode(x).latent_dist.parameters,
+    "lean": lambda: encode_moments(model, x, band_min_bytes=1 << 62),
+    "banded": lambda: encode_moments(model, x),
+}
+peaks = {}
+with torch.inference_mode():
+    for name, run in passes.items():
+        run()  # warm-up: oneDNN primitives, allocator
+        return_freed_memory()
         reset_peak_memory()
         start = process_memory()["rss"]
-        run(x)
-        return process_memory()["peak_rss"] - start
+        run()
+        peaks[name] = process_memory()["peak_rss"] - start
+print(json.dumps(peaks))
+"""
 
 
 def test_the_lean_pass_holds_fewer_full_size_activations() -> None:
-    """At 1024² with 16 channels one activation is 67 MB (above glibc's mmap threshold, so each one is its
-    own mapping and the resident set follows it exactly): diffusers' pass peaks five above the resident set
-    (measured), the lean one three, banded two and a quarter (its second normalisation works on one group
-    of eight at a time here, a slice and its copy)."""
+    """At 1024² with 32 channels one activation is 134 MB, as SD-2's first block at 512² (and its 32-row
+    bands are 4 MB, so with glibc set as the detector sets it every one is its own mapping and the resident
+    set follows them exactly): diffusers' pass peaks five activations above the resident set (measured),
+    the lean one three, banded one and a third (the one buffer, a downsampled quarter and the bands). In a
+    fresh interpreter, as the benchmark measures: the heap earlier tests leave behind shifts a peak."""
+    import subprocess
+    import sys
+
     if not reset_peak_memory():
         pytest.skip("the kernel's peak-RSS mark cannot be reset here (not Linux)")
-    model = vae(TWO_PER_BLOCK)
-    x = pixels(1, 1024)
-    activation = 16 * 1024 * 1024 * 4
-    plain = _peak_above(lambda p: model.encode(p).latent_dist.parameters, x)
-    lean = _peak_above(lambda p: encode_moments(model, p, band_min_bytes=UNBANDED), x)
-    banded = _peak_above(lambda p: encode_moments(model, p), x)  # 67 MB: banded by default
+    config = json.dumps(dict(TWO_PER_BLOCK, block_out_channels=[32, 32, 32, 32]))
+    run = subprocess.run([sys.executable, "-c", _PEAKS_SCRIPT, config], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    activation = 32 * 1024 * 1024 * 4
+    plain, lean, banded = peaks["plain"], peaks["lean"], peaks["banded"]
     ratios = (plain / activation, lean / activation, banded / activation)
     assert lean <= plain - 1.5 * activation, ratios
     assert lean <= 3.25 * activation, ratios
-    assert banded <= lean - 0.5 * activation, ratios
-    assert banded <= 2.4 * activation, ratios
+    assert banded <= lean - 1.5 * activation, ratios
+    assert banded <= 1.5 * activation, ratios

@@ -1,4 +1,4 @@
-"""The VAE encoder pass with the fewest full-size activations alive at once, same values.
+"""The VAE encoder pass with the fewest full-size activations alive at once.
 
 At 512 × 512 the SD-2 VAE encoder's first block holds 128 channels per pixel: one activation is 134 MB in
 float32, and the whole prediction's memory peak above the loaded models is set there
@@ -11,19 +11,19 @@ which the residual needs, and a convolution's input and output). Addition is com
 and the division by 1.0 is exact, so the latents are identical bit for bit
 (``tests/branches/test_lean_vae.py``).
 
-Where one activation is large (at least :data:`BAND_MIN_BYTES`: the first block at 512²), it goes further:
-a resnet whose input and output widths agree runs *banded*, with two full-size activations instead of
-three: the residual, and one buffer that holds the first normalisation's output, then the first
-convolution's (computed :data:`BAND_ROWS` rows at a time from the rows around them, each band written back
-once the next band has read the row they share), then the second normalisation's (a sixteenth of the
-channel groups at a time, in place); the second convolution is added to the residual band by band. The
-downsampler that follows convolves band by band too, without the padded copy of its input diffusers makes.
-A convolution's output row reads only the rows beside it and a group's normalisation only its own
-channels, so every value comes from the same kernels and the same inputs: on this project's AVX2 CPU the
-latents are bit for bit diffusers' (512², SD-2 configuration), and the tests check them to rounding, as
-another CPU may pick other kernels for a band than for the whole. Measured at 512² in float32: 0.29 GB above
-the loaded encoder against 0.40 unbanded and 0.67 for diffusers' pass, at the same speed (6.96 against 7.48 s
-unbanded, interleaved medians of 4 in one process; 7.57 against 7.38 s in single calls).
+Where one activation is large (at least :data:`BAND_MIN_BYTES`: the first block at 512²), the block holds
+*one* full-size activation at a time, in bands of :data:`BAND_ROWS` rows. The first resnet never keeps its
+input (``conv_in``'s output: three channels in, so cheap to recompute band by band wherever it is read);
+its one buffer takes the first convolution, is normalised in place, and receives the output. Every later
+resnet of the block works in its input's buffer: the second normalisation needs the statistics of the
+whole first convolution's output, so that output is computed band by band twice, once for its statistics
+and once more (with a row of halo) for the second convolution, whose result is added to the input band by
+band one band behind. The downsampler convolves band by band without diffusers' padded copy. The
+normalisations use statistics gathered band by band in float64, so the latents differ from diffusers' in
+the last bits only, and are as close to a float64 pass as diffusers' own float32 pass is (the tests check
+this). Measured at 512² in float32 on SD-2's VAE (``benchmarks/bench_vae_memory.py``): 0.19 GB above the
+loaded encoder against 0.40 unbanded and 0.67 for diffusers' pass, for about 0.6 s more per image (the
+first block's one extra convolution and the statistics passes).
 
 :func:`lean_encoder_supported` checks that an encoder has exactly the structure walked here (diffusers'
 ``Encoder`` of ``AutoencoderKL``: resnets without time embedding, up- or down-sampling inside, attention
@@ -32,6 +32,7 @@ only in the middle block); anything else takes diffusers' own forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,9 +42,11 @@ import torch.nn.functional as F
 #: at 512² (134 MB in float32; 67 MB in bfloat16), not the later ones, whose three activations stay below
 #: the first block's two
 BAND_MIN_BYTES = 64 * 10**6
-#: rows per band: the band's temporaries stay a small fraction of one activation, each convolution call
-#: still works on tens of thousands of pixels
-BAND_ROWS = 32
+#: rows per band: a band's temporaries (2.6 MB with their halo at 512² × 128 channels in float32) stay below
+#: the size glibc maps on its own (``runtime.map_large_blocks``), so the heap reuses them band after band
+#: instead of faulting in fresh pages each time (32 rows, 8 MB bands: 2.7 s more per image on the VAE, 8
+#: rows: 0.6 s), and each convolution call still works on thousands of pixels
+BAND_ROWS = 8
 #: the second normalisation works in place on this share of the groups at a time (at least one group)
 GROUP_SHARE = 1 / 16
 
@@ -119,7 +122,7 @@ def _resnet(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _is_same_padded_3x3(conv: Any) -> bool:
+def _is_same_padded_3x3(conv: Any, *, same_width: bool = True) -> bool:
     return (
         type(conv) is torch.nn.Conv2d
         and conv.kernel_size == (3, 3)
@@ -128,7 +131,7 @@ def _is_same_padded_3x3(conv: Any) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and conv.in_channels == conv.out_channels
+        and (conv.in_channels == conv.out_channels or not same_width)
     )
 
 
@@ -147,28 +150,145 @@ def _bandable(block: Any) -> bool:
     )
 
 
+def _group_affine(
+    norm: torch.nn.GroupNorm, bands: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)``, ``(N, C, 1, 1)`` in float64, with which ``x * scale + shift`` is
+    ``norm(x)``, from the statistics of the whole of ``x`` read band by band: each channel's sum and sum of
+    squares accumulated in float64 (a pass over a 512² activation takes 0.06 s, a third of a grouped
+    ``var_mean``), then pooled over each group's channels."""
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    pixels = 0
+    for band in bands:
+        band_total = band.sum(dim=(2, 3), dtype=torch.float64)
+        band_squares = band.square().sum(dim=(2, 3), dtype=torch.float64)
+        total = band_total if total is None else total + band_total
+        squares = band_squares if squares is None else squares + band_squares
+        pixels += band.shape[2] * band.shape[3]
+    assert total is not None and squares is not None
+    groups, width = norm.num_groups, norm.num_channels // norm.num_groups
+    count = pixels * width
+    mean = total.unflatten(1, (groups, width)).sum(dim=2) / count  # (N, G)
+    variance = (squares.unflatten(1, (groups, width)).sum(dim=2) / count - mean.square()).clamp_min(0)
+    scale = (variance + norm.eps).rsqrt().repeat_interleave(width, dim=1)
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -mean.repeat_interleave(width, dim=1) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    return scale[..., None, None], shift[..., None, None]
+
+
+def _norm_silu(affine: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    scale, shift = affine
+    return F.silu(torch.addcmul(shift.to(rows.dtype), rows, scale.to(rows.dtype)), inplace=True)
+
+
+def _padded_rows(rows: torch.Tensor, start: int, stop: int, height: int, halo: int) -> torch.Tensor:
+    """``rows`` (input rows ``max(0, start - halo) : min(height, stop + halo)``) with the zero rows a
+    same-padded convolution would see beyond the edges."""
+    top, bottom = max(0, halo - start), max(0, stop + halo - height)
+    return F.pad(rows, (0, 0, top, bottom)) if top or bottom else rows
+
+
+def _conv(conv: torch.nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
+    """A same-padded 3×3 convolution of rows that carry their own top and bottom halo."""
+    return F.conv2d(padded, conv.weight, conv.bias, padding=(0, 1))
+
+
 def _conv_rows(conv: torch.nn.Conv2d, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of ``conv(x)``, from the rows of ``x`` they read (zeros beyond its edges)."""
     height = x.shape[-2]
     rows = x[:, :, max(0, start - 1) : min(height, stop + 1)]
-    edges = (0, 0, int(start == 0), int(stop == height))
-    if any(edges):
-        rows = F.pad(rows, edges)
-    return F.conv2d(rows, conv.weight, conv.bias, padding=(0, 1))
+    return _conv(conv, _padded_rows(rows, start, stop, height, 1))
 
 
-def _conv_in_place(conv: torch.nn.Conv2d, x: torch.Tensor, band: int) -> None:
-    """``x`` becomes ``conv(x)``: each band's output is held until the next band has read the row they
-    share, then written back."""
-    height = x.shape[-2]
-    held: torch.Tensor | None = None
-    for start in range(0, height, band):
-        out = _conv_rows(conv, x, start, min(height, start + band))
+def _bands(height: int) -> list[tuple[int, int]]:
+    return [(start, min(height, start + BAND_ROWS)) for start in range(0, height, BAND_ROWS)]
+
+
+def _write_lagging(
+    out: torch.Tensor, bands: Iterable[tuple[int, int]], compute: Callable[[int, int], torch.Tensor]
+) -> None:
+    """``out[rows] = compute(start, stop)`` band by band, each band written once the next one is computed:
+    ``compute`` may read ``out``'s rows up to two beyond its band while they still hold the input."""
+    held: tuple[int, int, torch.Tensor] | None = None
+    for start, stop in bands:
+        result = compute(start, stop)
         if held is not None:
-            x[:, :, start - band : start].copy_(held)
-        held = out
-    assert held is not None
-    x[:, :, height - held.shape[-2] :].copy_(held)
+            out[:, :, held[0] : held[1]].copy_(held[2])
+        held = (start, stop, result)
+    if held is not None:
+        out[:, :, held[0] : held[1]].copy_(held[2])
+
+
+def _first_resnet(block: Any, conv_in: torch.nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
+    """``block(conv_in(pixels))`` for a :func:`_bandable` resnet with one full-size activation alive.
+
+    ``conv_in`` (3 channels in) is cheap, so its output is never kept: it is recomputed band by band
+    wherever it is read (three times: the first normalisation's statistics, the first convolution, the
+    residual). The one buffer takes the first convolution's output, is normalised in place a few groups at a
+    time, and receives the block's output band by band.
+    """
+    height = pixels.shape[-2]
+
+    def source(start: int, stop: int) -> torch.Tensor:  # rows start:stop of conv_in(pixels), clipped
+        lo, hi = max(0, start), min(height, stop)
+        return _conv_rows(conv_in, pixels, lo, hi)
+
+    affine1 = _group_affine(block.norm1, (source(a, b) for a, b in _bands(height)))
+    first = source(0, 1)
+    h = torch.empty(
+        (first.shape[0], block.conv1.out_channels, height, first.shape[-1]),
+        dtype=first.dtype,
+        device=first.device,
+        memory_format=_layout(first),
+    )
+    del first
+    for start, stop in _bands(height):
+        rows = _norm_silu(affine1, source(start - 1, stop + 1))
+        h[:, :, start:stop] = _conv(block.conv1, _padded_rows(rows, start, stop, height, 1))
+    _group_norm_in_place(block.norm2, h)
+    F.silu(h, inplace=True)
+    _write_lagging(
+        h, _bands(height), lambda a, b: _conv_rows(block.conv2, h, a, b).add_(source(a, b))
+    )  # == input + h: IEEE addition is commutative
+    return h
+
+
+def _recomputing_resnet(block: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """A :func:`_bandable` resnet with one full-size activation alive: ``hidden``, which receives the output.
+
+    The second normalisation needs the statistics of the whole first convolution's output; rather than keep
+    that output (a second full-size activation), its bands are computed once for the statistics and again
+    (with a row of halo each side) for the second convolution: the first convolution runs about twice.
+    """
+    height = hidden.shape[-2]
+    affine1 = _group_affine(block.norm1, (hidden[:, :, a:b] for a, b in _bands(height)))
+
+    def h_rows(start: int, stop: int) -> torch.Tensor:  # rows start:stop of conv1(silu(norm1(hidden)))
+        lo, hi = max(0, start - 1), min(height, stop + 1)
+        rows = _norm_silu(affine1, hidden[:, :, lo:hi])
+        return _conv(block.conv1, _padded_rows(rows, start, stop, height, 1))
+
+    affine2 = _group_affine(block.norm2, (h_rows(a, b) for a, b in _bands(height)))
+
+    def output(start: int, stop: int) -> torch.Tensor:
+        lo, hi = max(0, start - 1), min(height, stop + 1)
+        rows = _norm_silu(affine2, h_rows(lo, hi))
+        return _conv(block.conv2, _padded_rows(rows, start, stop, height, 1)).add_(hidden[:, :, start:stop])
+
+    _write_lagging(hidden, _bands(height), output)
+    return hidden
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 def _group_norm_in_place(norm: torch.nn.GroupNorm, x: torch.Tensor) -> None:
@@ -180,20 +300,6 @@ def _group_norm_in_place(norm: torch.nn.GroupNorm, x: torch.Tensor) -> None:
         weight = norm.weight[first : first + step] if norm.weight is not None else None
         bias = norm.bias[first : first + step] if norm.bias is not None else None
         part.copy_(F.group_norm(part, part.shape[1] // width, weight, bias, norm.eps))
-
-
-def _banded_resnet(block: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """A :func:`_bandable` resnet with two full-size activations alive (the module docstring says how);
-    ``hidden`` is the residual and receives the output."""
-    h = F.silu(block.norm1(hidden), inplace=True)
-    _conv_in_place(block.conv1, h, BAND_ROWS)
-    _group_norm_in_place(block.norm2, h)
-    h = block.dropout(F.silu(h, inplace=True))
-    height = h.shape[-2]
-    for start in range(0, height, BAND_ROWS):
-        stop = min(height, start + BAND_ROWS)
-        hidden[:, :, start:stop].add_(_conv_rows(block.conv2, h, start, stop))  # == input + h
-    return hidden
 
 
 def _bandable_downsampler(down: Any) -> bool:
@@ -219,16 +325,11 @@ def _banded_downsample(down: Any, x: torch.Tensor) -> torch.Tensor:
     row) the whole would have had."""
     height, width = x.shape[-2:]
     out_height, out_width = (height - 2) // 2 + 1, (width - 2) // 2 + 1  # of the padded input
-    layout = (
-        torch.channels_last
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        else torch.contiguous_format
-    )
     out = torch.empty(
         (x.shape[0], down.conv.out_channels, out_height, out_width),
         dtype=x.dtype,
         device=x.device,
-        memory_format=layout,
+        memory_format=_layout(x),
     )
     for start in range(0, out_height, BAND_ROWS):
         stop = min(out_height, start + BAND_ROWS)
@@ -250,10 +351,21 @@ def encode_moments(vae: Any, pixels: torch.Tensor, *, band_min_bytes: int = BAND
         return h.numel() * h.element_size() >= band_min_bytes
 
     encoder = vae.encoder
-    h = encoder.conv_in(pixels)
+    first = encoder.down_blocks[0].resnets[0] if encoder.down_blocks[0].resnets else None
+    first_bytes = pixels[:, :1].numel() * encoder.conv_in.out_channels * pixels.element_size()
+    if (
+        first is not None
+        and first_bytes >= band_min_bytes
+        and _bandable(first)
+        and _is_same_padded_3x3(encoder.conv_in, same_width=False)
+    ):
+        h, done = _first_resnet(first, encoder.conv_in, pixels), first
+    else:
+        h, done = encoder.conv_in(pixels), None
     for block in encoder.down_blocks:
         for resnet in block.resnets:
-            h = _banded_resnet(resnet, h) if big(h) and _bandable(resnet) else _resnet(resnet, h)
+            if resnet is not done:
+                h = _recomputing_resnet(resnet, h) if big(h) and _bandable(resnet) else _resnet(resnet, h)
         for down in block.downsamplers or ():
             h = _banded_downsample(down, h) if big(h) and _bandable_downsampler(down) else down(h)
     mid = encoder.mid_block
