@@ -175,7 +175,9 @@ def test_the_detector_batch_size_caps_the_branch_batches_for_the_call():
 
 
 def test_released_text_encoders_free_memory_and_keep_prepared_objects_working():
-    det = CLIPFusion.from_preset("tiny")
+    # bit for bit without the UNet's precomputed conditioning (tests/branches/test_conditioning.py: the
+    # same maps to rounding at a batch above one)
+    det = CLIPFusion.from_preset("tiny", diffusion__precompute_conditioning=False)
     refs, queries = _images(1, 1), _images(2, 2)
     before = det.fit("bottle", refs).predict(queries)
     n_params = sum(p.numel() for p in det.clip.model.parameters())
@@ -215,13 +217,15 @@ def test_objects_known_before_loading_are_encoded_and_their_text_encoders_freed_
 
     monkeypatch.setattr(diffusion, "load_diffusion_components", recording)
     refs, queries = _images(1, 1), _images(2, 2)
-    staged = CLIPFusion.from_preset("tiny", objects=["metal_nut", "bottle"])
+    # bit for bit without the UNet's precomputed conditioning (tests/branches/test_conditioning.py)
+    exact = {"diffusion__precompute_conditioning": False}
+    staged = CLIPFusion.from_preset("tiny", objects=["metal_nut", "bottle"], **exact)
     assert len(loads) == 1 and alive == [[False]]
     assert staged.clip.text_encoder_released and staged.clip.tokenizer is None
     assert staged.diffusion.text_encoder is None and staged.diffusion.tokenizer is None
     staged_maps = [r.anomaly_map for r in staged.fit("metal nut", refs).predict(queries)]
 
-    plain = CLIPFusion.from_preset("tiny")
+    plain = CLIPFusion.from_preset("tiny", **exact)
     assert plain.diffusion.text_encoder is not None and alive[-1] == [False]
     plain_maps = [r.anomaly_map for r in plain.fit("metal nut", refs).predict(queries)]
     for a, b in zip(staged_maps, plain_maps, strict=True):

@@ -340,6 +340,7 @@ def load(
             branch.load_state(BranchState(tensors, dict(entry["meta"])))
         except ClipfusionError as exc:
             raise InputError(f"{file}: {exc}") from exc
+    detector.release_text_encoders()  # none was loaded; the prompts are final (precompute_conditioning)
     detector.object_name = fitted.object_name
     detector.references = [str(ref.get("name")) for ref in fitted.references]
     detector.reference_sha256 = [ref.get("sha256") for ref in fitted.references]

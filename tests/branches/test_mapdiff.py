@@ -86,7 +86,17 @@ def test_early_exit_gives_the_maps_of_a_full_pass(whole: MapDiff, batch) -> None
 
 
 def test_unreached_unet_modules_are_dropped_and_the_maps_do_not_change(tiny: MapDiff, whole: MapDiff) -> None:
-    assert tiny.dropped_modules == ["up_blocks.3", "conv_norm_out", "conv_out"]
+    # after the blocks, and inside up_blocks.2 what follows its last cross-attention (the last layer read)
+    last = "up_blocks.2.attentions.2"
+    assert set(tiny.dropped_modules) == {
+        "up_blocks.3",
+        "conv_norm_out",
+        "conv_out",
+        f"{last}.transformer_blocks.0.norm3",
+        f"{last}.transformer_blocks.0.ff",
+        f"{last}.proj_out",
+        "up_blocks.2.upsamplers.0",
+    }
     assert whole.dropped_modules == []
     kept = sum(p.numel() for p in tiny.unet.parameters())
     assert kept < sum(p.numel() for p in whole.unet.parameters())
@@ -102,6 +112,12 @@ def test_unreached_unet_modules_are_dropped_and_the_maps_do_not_change(tiny: Map
         tiny.run_unet(sample, tiny.prompt_embeddings("nut", "damage"), early_exit=False)
     with pytest.raises(ConfigError, match="dropped"):  # a block after the drop cannot be read either
         tiny.run_unet(sample, tiny.prompt_embeddings("nut", "damage"), feature_blocks=["up_blocks.3"])
+    with pytest.raises(ConfigError, match="dropped"):  # nor the output of the block it stops in
+        tiny.run_unet(sample, tiny.prompt_embeddings("nut", "damage"), feature_blocks=["up_blocks.2"])
+    with pytest.raises(ConfigError, match="dropped"):
+        variant(tiny, feature_blocks=("up_blocks.2",))
+    # a pass that stops earlier is fine: attention of up_blocks.1 only, features of up_blocks.0
+    variant(tiny, attention_blocks=("up_blocks.1",), feature_blocks=("up_blocks.0",)).fit("nut", refs)
 
 
 def test_inplace_activations_give_the_same_latents(tiny: MapDiff) -> None:
@@ -156,7 +172,7 @@ def test_state_word_inside_the_template(tiny: MapDiff) -> None:
 
 
 def test_prompt_embeddings_are_cached_and_text_encoder_can_be_released(tiny: MapDiff) -> None:
-    branch = variant(tiny)
+    branch = variant(tiny, precompute_conditioning=False)  # on the fixture's UNet, which other tests share
     branch.fit("hazelnut", [])
     cached = branch.prompt_embeddings("hazelnut", "damage")
     assert cached.shape == (1, 77, tiny.unet.config.cross_attention_dim)

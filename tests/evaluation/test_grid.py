@@ -4,6 +4,7 @@ grid resumes, and `sweep` works on a grid point."""
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,11 +44,16 @@ def factory(config):
 
     clip_config, diffusion_config = config.branch_configs()
     clip = PatchCLIP.from_config(clip_config)
-    diffusion = MapDiff.from_config(diffusion_config)
+    # loaded for every block the grid's points read (as evaluate_grid's build_config does): the early exit
+    # of the base options alone drops what follows up_blocks.2's last cross-attention, its output included
+    blocks = tuple(dict.fromkeys(b for blocks in GRID["diffusion.feature_blocks"] for b in blocks))
+    diffusion = MapDiff.from_config(replace(diffusion_config, feature_blocks=blocks))
     built = []
 
     def build(cfg):
         clip_cfg, diff_cfg = cfg.branch_configs()
+        # the UNet is shared: releasing the text encoder must not replace its layers by one run's tables
+        diff_cfg = replace(diff_cfg, precompute_conditioning=False)
         built.append(cfg)
         return CLIPFusion(
             cfg,

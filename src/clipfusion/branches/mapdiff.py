@@ -32,6 +32,7 @@ from PIL import Image
 
 from clipfusion.branches import BranchState, resolve_batch_size
 from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
+from clipfusion.branches.conditioning import KnownInputs, precompute_conditioning
 from clipfusion.branches.lean_vae import encode_moments, lean_encoder_supported, use_inplace_activations
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import MapDiffConfig, load_preset, with_overrides
@@ -141,6 +142,60 @@ def drop_unreached_modules(unet: torch.nn.Module, module_names: Sequence[str]) -
     return dropped
 
 
+def drop_after_last_attention(
+    unet: torch.nn.Module, attention_layers: Sequence[str], feature_blocks: Sequence[str]
+) -> list[str]:
+    """Inside the block where the early exit stops, replace what runs after its last cross-attention by
+    :class:`DroppedModule`; returns their names.
+
+    When the pass ends at a cross-attention (the defaults: the last ``attn2`` of up_blocks.2), the rest of
+    its transformer block (``norm3``, ``ff``), its transformer's ``proj_out``, any later resnet and attention
+    of the block and its up- or down-sampler never run: 9.0 M parameters for SD-2. Only for diffusers'
+    cross-attention up and down blocks, when that layer is the block's last cross-attention (so that no
+    ``attn2`` a configuration may name is removed) and no block output in it is read.
+    """
+    stop = stop_block([*attention_layers, *feature_blocks])
+    if stop is None or not attention_layers:
+        return []
+    block = dict(unet.named_modules()).get(stop)  # None for a misspelt block: check_config says so
+    if type(block).__name__ not in ("CrossAttnUpBlock2D", "CrossAttnDownBlock2D"):
+        return []
+    if any(b == stop or b.startswith(stop + ".") for b in feature_blocks):
+        return []
+    inside = [n for n in attention_layers if n.startswith(stop + ".")]
+    every = cross_attention_layers(unet, [stop])
+    parts = inside[-1].split(".") if inside else []
+    if not inside or inside[-1] != every[-1] or parts[2:6:2] != ["attentions", "transformer_blocks"]:
+        return []
+    k, j = int(parts[3]), int(parts[5])
+    transformer = block.attentions[k]
+    cut: list[tuple[torch.nn.Module, str, str]] = [
+        (transformer.transformer_blocks[j], leaf, f"{stop}.attentions.{k}.transformer_blocks.{j}.{leaf}")
+        for leaf in ("norm3", "ff")
+    ]
+    cut += [
+        (transformer.transformer_blocks, str(i), f"{stop}.attentions.{k}.transformer_blocks.{i}")
+        for i in range(j + 1, len(transformer.transformer_blocks))
+    ]
+    cut.append((transformer, "proj_out", f"{stop}.attentions.{k}.proj_out"))
+    for group in ("resnets", "attentions"):
+        modules = getattr(block, group)
+        cut += [(modules, str(i), f"{stop}.{group}.{i}") for i in range(k + 1, len(modules))]
+    for group in ("upsamplers", "downsamplers"):
+        modules = getattr(block, group, None) or []
+        cut += [(modules, str(i), f"{stop}.{group}.{i}") for i in range(len(modules))]
+    dropped = []
+    for parent, leaf, name in cut:
+        module = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf, None)
+        if isinstance(module, torch.nn.Module) and not isinstance(module, DroppedModule):
+            if leaf.isdigit():
+                parent[int(leaf)] = DroppedModule(name)
+            else:
+                setattr(parent, leaf, DroppedModule(name))
+            dropped.append(name)
+    return dropped
+
+
 def _tensor_output(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -232,13 +287,20 @@ class MapDiff:
         self.attention_layers = cross_attention_layers(unet, self.config.attention_blocks)
         #: UNet modules removed because the early exit never reaches them (see drop_unreached_modules)
         self.dropped_modules = [n for n, m in unet.named_modules() if isinstance(m, DroppedModule)]
+        #: UNet layers replaced by their outputs (see :mod:`clipfusion.branches.conditioning`), the timesteps
+        #: they were computed at, and what the weights fingerprint reads of the UNet before any was freed
+        tables = {n: m for n, m in unet.named_modules() if isinstance(m, KnownInputs)}
+        self.precomputed: list[str] = list(tables)
+        self._precomputed_timesteps = tuple(dict.fromkeys(t for m in tables.values() for t in m.timesteps))
+        self._unet_records: tuple[bytes, ...] | None = None
         self._check_components()
         self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
         self._tokens: dict[tuple[str, str], PromptTokens] = {}
         self._noise: dict[tuple[int, ...], torch.Tensor] = {}
         self._encoder_fn: Any = None
-        #: encode through :mod:`clipfusion.branches.lean_vae` where the VAE's structure allows (same latents,
-        #: fewer 512² activations alive); False runs diffusers' own forward (the benchmarks' "before")
+        #: encode through :mod:`clipfusion.branches.lean_vae` where the VAE's structure allows (the same
+        #: latents to float32 rounding, fewer 512² activations alive); False runs diffusers' own forward (the
+        #: benchmarks' "before")
         self.lean_vae = True
         self.object_name: str | None = None
         self.prompts: dict[str, PromptTokens] = {}
@@ -267,6 +329,7 @@ class MapDiff:
         branch is then as after :meth:`prepare` and :meth:`release_text_encoder`.
         """
         from clipfusion.models.diffusion import load_diffusion_components
+        from clipfusion.models.weights import fingerprint_records
         from clipfusion.runtime import return_freed_memory
 
         config = config.placed()
@@ -283,23 +346,44 @@ class MapDiff:
                     )
             del text
             return_freed_memory()
-        components = load_diffusion_components(config, text_encoder=text_encoder and not objects, **load)
-        vae = components.vae
+        records: tuple[bytes, ...] | None = None
+
+        def unet_ready(unet: Any) -> None:  # before the VAE loads: what goes here is gone when it exists
+            nonlocal records
+            if config.early_exit:  # what the early exit never reaches is never needed by this branch
+                drop_unreached_modules(unet, [*config.attention_blocks, *config.feature_blocks])
+            records = fingerprint_records("unet", unet)
+            if config.early_exit:
+                layers = cross_attention_layers(unet, config.attention_blocks)
+                drop_after_last_attention(unet, layers, config.feature_blocks)
+            if embeddings and config.precompute_conditioning:
+                parameter = next(unet.parameters())
+                prompts = [e.to(device=parameter.device, dtype=parameter.dtype) for e in embeddings.values()]
+                precompute_conditioning(unet, [config.timestep], prompts)
+                for key, prompt in zip(embeddings, prompts, strict=True):
+                    embeddings[key] = prompt  # the tables' keys are the cached prompts themselves
+            return_freed_memory()
+
         # the branch only encodes: the decoder (a third of the VAE) is dead weight here
-        vae.decoder = None
-        vae.post_quant_conv = None
+        components = load_diffusion_components(
+            config,
+            text_encoder=text_encoder and not objects,
+            vae_decoder=False,
+            unet_ready=unet_ready,
+            **load,
+        )
+        vae = components.vae
         if config.channels_last:
             vae.to(memory_format=torch.channels_last)
         use_inplace_activations(vae.encoder)
-        if config.early_exit:  # what the early exit never reaches is never needed by this branch
-            drop_unreached_modules(components.unet, [*config.attention_blocks, *config.feature_blocks])
         branch = cls(**components.modules(), config=config)
+        branch._unet_records = records
         if objects:
-            branch.release_text_encoder()
             for key, hidden in embeddings.items():
                 branch._check_text_width(hidden.shape[-1])
                 branch._embeddings[key] = hidden.to(device=branch.device, dtype=branch.dtype)
             branch._tokens.update(tokens)
+            branch.release_text_encoder()
         return branch
 
     @classmethod
@@ -330,10 +414,18 @@ class MapDiff:
                 )
         cross_attention_layers(self.unet, cfg.attention_blocks)  # every attention block holds layers
         if self.dropped_modules:
-            self._check_reachable([*cfg.attention_blocks, *cfg.feature_blocks], cfg.early_exit)
+            layers = cross_attention_layers(self.unet, cfg.attention_blocks)
+            self._check_reachable([*layers, *cfg.feature_blocks], cfg.early_exit, cfg.feature_blocks)
         n_train = int(self.scheduler.config.num_train_timesteps)
         if not 0 <= cfg.timestep < n_train:
             raise ConfigError(f"diffusion.timestep must lie in [0, {n_train}), got {cfg.timestep}")
+        if self._precomputed_timesteps and cfg.timestep not in self._precomputed_timesteps:
+            raise ConfigError(
+                f"diffusion.timestep {cfg.timestep}: this branch's UNet keeps its timestep layers' outputs "
+                f"for timestep {', '.join(map(str, self._precomputed_timesteps))} only "
+                "(diffusion.precompute_conditioning); build it with precompute_conditioning=false to run "
+                "several timesteps"
+            )
         latent = int(self.vae.config.latent_channels)
         if int(self.unet.config.in_channels) != 2 * latent + 1:
             raise ConfigError(
@@ -356,13 +448,25 @@ class MapDiff:
                 f"{self.unet.config.cross_attention_dim}"
             )
 
-    def _check_reachable(self, module_names: Sequence[str], early_exit: bool) -> None:
-        """Refuse a pass that would need a module :func:`drop_unreached_modules` removed."""
+    def _check_reachable(
+        self, module_names: Sequence[str], early_exit: bool, feature_blocks: Sequence[str] = ()
+    ) -> None:
+        """Refuse a pass that would need a module :func:`drop_unreached_modules` or
+        :func:`drop_after_last_attention` removed (``module_names``: every layer and block it reads)."""
         last = stop_block(module_names) if early_exit else None
         needed = _top_level_block(last)[1] if last is not None else None  # type: ignore[index]
         for name in self.dropped_modules:
             located = _top_level_block(name)
-            if needed is None or (located is not None and located[1] <= needed):
+            top_level = located is None or name == located[0]
+            if needed is None or (located is not None and located[1] < needed):
+                reached = True
+            elif located is not None and located[1] == needed:
+                # inside the stop block, only what follows its last cross-attention was dropped: a pass
+                # that reads no block output there stops before it
+                reached = top_level or any(b == last or b.startswith(f"{last}.") for b in feature_blocks)
+            else:
+                reached = False
+            if reached:
                 raise ConfigError(
                     f"this UNet's {', '.join(self.dropped_modules)} were dropped (the early exit of the "
                     "branch it was loaded for never runs them); "
@@ -436,9 +540,26 @@ class MapDiff:
 
     def release_text_encoder(self) -> None:
         """Drop the text encoder (≈ 1.4 GB in float32 for SD-2) and its tokenizer (its vocabulary and merges
-        as Python objects) once every object's prompts are cached: the prompts' tokens stay cached too."""
+        as Python objects) once every object's prompts are cached: the prompts' tokens stay cached too.
+
+        No prompt can be added after this, so with ``precompute_conditioning`` (the default) the UNet's
+        timestep and cross-attention key/value layers are then replaced by their outputs for the configured
+        timestep and the cached prompts (:mod:`clipfusion.branches.conditioning`: 0.2 GB fewer weights for
+        SD-2 in float32, same maps to rounding).
+        """
         self.text_encoder = None
         self.tokenizer = None
+        if self.config.precompute_conditioning and self._embeddings and not self.precomputed:
+            self._precompute_conditioning()
+
+    def _precompute_conditioning(self) -> None:
+        from clipfusion.models.weights import fingerprint_records
+
+        if self._unet_records is None:  # the weights as loaded, before any is freed
+            self._unet_records = fingerprint_records("unet", self.unet)
+        prompts = list({id(t): t for t in self._embeddings.values()}.values())
+        self.precomputed = precompute_conditioning(self.unet, [self.config.timestep], prompts)
+        self._precomputed_timesteps = (self.config.timestep,) if self.precomputed else ()
 
     # -- saving and loading the fitted state ----------------------------------------------------------------
     def state(self) -> BranchState:
@@ -527,7 +648,10 @@ class MapDiff:
         schedule (not the text encoder, nor the VAE decoder the branch never runs)."""
         from clipfusion.models.weights import weights_fingerprint
 
-        parts: dict[str, Any] = {"vae.encoder": self.vae.encoder, "unet": self.unet}
+        # the UNet as loaded (before drop_after_last_attention and precompute_conditioning freed some of it),
+        # so that a fit saved before those existed still loads
+        unet = self._unet_records if self._unet_records is not None else self.unet
+        parts: dict[str, Any] = {"vae.encoder": self.vae.encoder, "unet": unet}
         if getattr(self.vae, "quant_conv", None) is not None:
             parts["vae.quant_conv"] = self.vae.quant_conv
         parts["scheduler.alphas_cumprod"] = torch.as_tensor(self.scheduler.alphas_cumprod)
@@ -648,7 +772,7 @@ class MapDiff:
         blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
         early = self.config.early_exit if early_exit is None else early_exit
         if self.dropped_modules:
-            self._check_reachable(layers + blocks, early)
+            self._check_reachable(layers + blocks, early, blocks)
         capture = UNetCapture()
         modules = dict(self.unet.named_modules())
         handles = []
@@ -858,6 +982,7 @@ __all__ = [
     "MapDiff",
     "PromptTokens",
     "UNetCapture",
+    "drop_after_last_attention",
     "drop_unreached_modules",
     "encode_prompt",
     "prompt_tokens",

@@ -166,11 +166,19 @@ def build_config(config: CLIPFusionConfig, points: Sequence[GridPoint]) -> CLIPF
     The one place that decides which UNet blocks the built model must keep: a MapDiff built for early exit
     may leave out the modules after the last block its configuration reads, and every block any grid point
     reads must stay reachable. The grid passes each point's own blocks and layers to every step; the built
-    configuration only decides what is built.
+    configuration only decides what is built. Points at another timestep than the base one need the UNet's
+    timestep layers themselves, not their outputs at one timestep (``precompute_conditioning`` off).
     """
     feature = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.feature_blocks))
     attention = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.attention_blocks))
-    return config.replace(**{"diffusion.feature_blocks": feature, "diffusion.attention_blocks": attention})
+    one_timestep = all(p.config.diffusion.timestep == config.diffusion.timestep for p in points)
+    return config.replace(
+        **{
+            "diffusion.feature_blocks": feature,
+            "diffusion.attention_blocks": attention,
+            "diffusion.precompute_conditioning": config.diffusion.precompute_conditioning and one_timestep,
+        }
+    )
 
 
 def evaluate_grid(

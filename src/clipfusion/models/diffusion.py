@@ -23,6 +23,7 @@ import gzip
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -186,16 +187,19 @@ def build_random_components(
     dtype: torch.dtype = torch.float32,
     text_encoder: bool = True,
     image_models: bool = True,
+    vae_decoder: bool = True,
+    unet_ready: Callable[[Any], None] | None = None,
 ) -> SD2Components:
     """The architecture from the shipped configs with seeded random weights (no download).
 
     The global RNG is forked so building a model never changes the caller's random stream; weights depend only
     on ``seed`` (initialised in float32 on the CPU, then moved), so every machine builds the same model. The
     image models (UNet, then VAE) draw from the stream of ``seed``, the text encoder from its own (``seed`` +
-    1), so either part can be built alone with the weights it has in the whole: ``text_encoder=False`` leaves
-    the text encoder out (``None``), ``image_models=False`` the VAE and the UNet (a text encoder loaded, used
-    and freed before the image models exist: :meth:`clipfusion.branches.mapdiff.MapDiff.from_config` with
-    ``objects``).
+    1), so either part can be built alone with the weights it has in the whole: ``text_encoder=False``
+    leaves the text encoder out (``None``), ``image_models=False`` the VAE and the UNet (a text encoder
+    loaded, used and freed before the image models exist:
+    :meth:`clipfusion.branches.mapdiff.MapDiff.from_config` with ``objects``). ``vae_decoder`` and
+    ``unet_ready``: see :func:`load_diffusion_components`.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -211,7 +215,11 @@ def build_random_components(
             torch.manual_seed(seed)
             unet_config = UNet2DConditionModel.load_config(root / "unet")
             unet = _placed(UNet2DConditionModel.from_config(unet_config), target, dtype)
+            if unet_ready is not None:
+                unet_ready(unet)  # draws nothing: the VAE's weights stay those of the stream
             vae = _placed(AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")), target, dtype)
+            if not vae_decoder:
+                _drop_decoder(vae)
     if text_encoder:
         text_config = CLIPTextConfig.from_json_file(root / "text_encoder" / "config.json")
         with torch.random.fork_rng(devices=[]):
@@ -226,6 +234,15 @@ def build_random_components(
         scheduler,
         source=f"random {architecture} (seed {seed})",
     )
+
+
+def _drop_decoder(vae: Any) -> None:
+    """Free the VAE's decoder half (a third of its weights), which an encoder-only user never runs."""
+    from clipfusion.runtime import return_freed_memory
+
+    vae.decoder = None
+    vae.post_quant_conv = None
+    return_freed_memory()
 
 
 def _placed(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -367,10 +384,13 @@ def load_sd2_inpainting(
     local_files_only: bool | None = None,
     text_encoder: bool = True,
     image_models: bool = True,
+    vae_decoder: bool = True,
+    unet_ready: Callable[[Any], None] | None = None,
 ) -> SD2Components:
     """The pretrained components from a hub id or a local diffusers-format directory (safetensors only);
     ``text_encoder=False`` does not load the text encoder (``None``), ``image_models=False`` neither the
-    VAE nor the UNet (every file is still checked first, so a missing one fails before anything loads)."""
+    VAE nor the UNet (every file is still checked first, so a missing one fails before anything loads);
+    ``vae_decoder`` and ``unet_ready``: see :func:`load_diffusion_components`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -382,7 +402,12 @@ def load_sd2_inpainting(
         unet = vae = None
         if image_models:
             unet = UNet2DConditionModel.from_pretrained(directory / "unet", torch_dtype=dtype, **safe)
+            if unet_ready is not None:
+                _placed(unet, torch.device(device), dtype)
+                unet_ready(unet)
             vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype, **safe)
+            if not vae_decoder:
+                _drop_decoder(vae)
         encoder = (
             CLIPTextModel.from_pretrained(
                 directory / "text_encoder", dtype=dtype, trust_remote_code=False, **safe
@@ -441,10 +466,15 @@ def load_diffusion_components(
     local_files_only: bool | None = None,
     text_encoder: bool = True,
     image_models: bool = True,
+    vae_decoder: bool = True,
+    unet_ready: Callable[[Any], None] | None = None,
 ) -> SD2Components:
     """The components a :class:`~clipfusion.config.MapDiffConfig` names (pretrained or random), placed;
     without the text encoder (``None``) when ``text_encoder`` is False, without the VAE and the UNet when
-    ``image_models`` is False."""
+    ``image_models`` is False. The UNet loads first; ``unet_ready(unet)`` (placed on its device and dtype)
+    runs before the VAE loads, so that what it frees of the UNet is gone when the VAE exists; with
+    ``vae_decoder=False`` the VAE's decoder is freed as soon as the VAE is loaded (a user that only encodes:
+    SD-2's decoder is 0.2 GB in float32)."""
     from clipfusion.runtime import resolve_device, resolve_dtype
 
     config = config.placed()  # a branch section alone: the package's default placement where unset
@@ -458,6 +488,8 @@ def load_diffusion_components(
             dtype=dt,
             text_encoder=text_encoder,
             image_models=image_models,
+            vae_decoder=vae_decoder,
+            unet_ready=unet_ready,
         )
     if config.weights != "pretrained":
         raise ConfigError(f"diffusion.weights must be 'pretrained' or 'random', got {config.weights!r}")
@@ -470,4 +502,6 @@ def load_diffusion_components(
         local_files_only=local_files_only,
         text_encoder=text_encoder,
         image_models=image_models,
+        vae_decoder=vae_decoder,
+        unet_ready=unet_ready,
     )

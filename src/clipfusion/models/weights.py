@@ -233,33 +233,43 @@ def fetch(
 FINGERPRINT_SAMPLES = 64
 
 
+def fingerprint_records(part: str, value: Any) -> tuple[bytes, ...]:
+    """What :func:`weights_fingerprint` reads of one part (a module's ``state_dict`` or a tensor): a few
+    bytes per tensor, which can be kept in place of weights that are about to be freed."""
+    import numpy as np
+    import torch
+
+    records: list[bytes] = []
+    tensors = value.state_dict() if isinstance(value, torch.nn.Module) else {"": value}
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        records.append(f"{part}.{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        n = tensor.numel()
+        if n == 0:
+            continue
+        k = min(n, FINGERPRINT_SAMPLES)
+        index = [i * (n - 1) // max(k - 1, 1) for i in range(k)]
+        flat = tensor.reshape(-1)
+        sample = flat[torch.tensor(index, device=flat.device)]
+        records.append(np.ascontiguousarray(sample.float().cpu().numpy()).tobytes())
+    return tuple(records)
+
+
 def weights_fingerprint(parts: dict[str, Any]) -> str:
     """A cheap identity of loaded weights: sha256 over every tensor's name, shape and dtype and a fixed
     sample of its values (``FINGERPRINT_SAMPLES`` evenly spaced elements, read in logical order as float32).
 
-    ``parts`` maps names to modules (their ``state_dict``: parameters and buffers) or tensors. Reading a few
+    ``parts`` maps names to modules (their ``state_dict``: parameters and buffers), tensors, or the
+    :func:`fingerprint_records` taken of a part before some of its weights were freed. Reading a few
     values per tensor costs milliseconds even for SD-2's 1,000 tensors, where hashing every byte would take
     seconds; any re-draw, re-training or wrong file changes the sampled values. The same weights give the
     same fingerprint on any device and in any memory layout (but not in another dtype).
     """
-    import numpy as np
-    import torch
-
     digest = hashlib.sha256()
     for part in sorted(parts):
         value = parts[part]
-        tensors = value.state_dict() if isinstance(value, torch.nn.Module) else {"": value}
-        for name in sorted(tensors):
-            tensor = tensors[name].detach()
-            digest.update(f"{part}.{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-            n = tensor.numel()
-            if n == 0:
-                continue
-            k = min(n, FINGERPRINT_SAMPLES)
-            index = [i * (n - 1) // max(k - 1, 1) for i in range(k)]
-            flat = tensor.reshape(-1)
-            sample = flat[torch.tensor(index, device=flat.device)]
-            digest.update(np.ascontiguousarray(sample.float().cpu().numpy()).tobytes())
+        for record in value if isinstance(value, tuple) else fingerprint_records(part, value):
+            digest.update(record)
     return digest.hexdigest()[:32]
 
 
