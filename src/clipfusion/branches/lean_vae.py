@@ -185,23 +185,23 @@ def _norm_silu(affine: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) ->
     return F.silu(torch.addcmul(shift.to(rows.dtype), rows, scale.to(rows.dtype)), inplace=True)
 
 
-def _padded_rows(rows: torch.Tensor, start: int, stop: int, height: int, halo: int) -> torch.Tensor:
-    """``rows`` (input rows ``max(0, start - halo) : min(height, stop + halo)``) with the zero rows a
-    same-padded convolution would see beyond the edges."""
-    top, bottom = max(0, halo - start), max(0, stop + halo - height)
-    return F.pad(rows, (0, 0, top, bottom)) if top or bottom else rows
-
-
-def _conv(conv: torch.nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
-    """A same-padded 3×3 convolution of rows that carry their own top and bottom halo."""
-    return F.conv2d(padded, conv.weight, conv.bias, padding=(0, 1))
+def _conv_band(
+    conv: torch.nn.Conv2d, rows: Callable[[int, int], torch.Tensor], start: int, stop: int, height: int
+) -> torch.Tensor:
+    """Rows ``start:stop`` of a same-padded 3×3 ``conv`` of an input ``height`` rows high, whose rows
+    ``lo:hi`` ``rows(lo, hi)`` gives (a slice, or rows computed on the spot): it is asked for the rows the
+    band reads, and the zero rows beyond the edges are padded here."""
+    lo, hi = max(0, start - 1), min(height, stop + 1)
+    top, bottom = lo - (start - 1), (stop + 1) - hi
+    band = rows(lo, hi)
+    if top or bottom:
+        band = F.pad(band, (0, 0, top, bottom))
+    return F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
 
 
 def _conv_rows(conv: torch.nn.Conv2d, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of ``conv(x)``, from the rows of ``x`` they read (zeros beyond its edges)."""
-    height = x.shape[-2]
-    rows = x[:, :, max(0, start - 1) : min(height, stop + 1)]
-    return _conv(conv, _padded_rows(rows, start, stop, height, 1))
+    return _conv_band(conv, lambda lo, hi: x[:, :, lo:hi], start, stop, x.shape[-2])
 
 
 def _bands(height: int) -> list[tuple[int, int]]:
@@ -233,9 +233,8 @@ def _first_resnet(block: Any, conv_in: torch.nn.Conv2d, pixels: torch.Tensor) ->
     """
     height = pixels.shape[-2]
 
-    def source(start: int, stop: int) -> torch.Tensor:  # rows start:stop of conv_in(pixels), clipped
-        lo, hi = max(0, start), min(height, stop)
-        return _conv_rows(conv_in, pixels, lo, hi)
+    def source(start: int, stop: int) -> torch.Tensor:  # rows start:stop of conv_in(pixels)
+        return _conv_rows(conv_in, pixels, start, stop)
 
     affine1 = _group_affine(block.norm1, (source(a, b) for a, b in _bands(height)))
     first = source(0, 1)
@@ -247,8 +246,9 @@ def _first_resnet(block: Any, conv_in: torch.nn.Conv2d, pixels: torch.Tensor) ->
     )
     del first
     for start, stop in _bands(height):
-        rows = _norm_silu(affine1, source(start - 1, stop + 1))
-        h[:, :, start:stop] = _conv(block.conv1, _padded_rows(rows, start, stop, height, 1))
+        h[:, :, start:stop] = _conv_band(
+            block.conv1, lambda lo, hi: _norm_silu(affine1, source(lo, hi)), start, stop, height
+        )
     _group_norm_in_place(block.norm2, h)
     F.silu(h, inplace=True)
     _write_lagging(
@@ -268,16 +268,15 @@ def _recomputing_resnet(block: Any, hidden: torch.Tensor) -> torch.Tensor:
     affine1 = _group_affine(block.norm1, (hidden[:, :, a:b] for a, b in _bands(height)))
 
     def h_rows(start: int, stop: int) -> torch.Tensor:  # rows start:stop of conv1(silu(norm1(hidden)))
-        lo, hi = max(0, start - 1), min(height, stop + 1)
-        rows = _norm_silu(affine1, hidden[:, :, lo:hi])
-        return _conv(block.conv1, _padded_rows(rows, start, stop, height, 1))
+        return _conv_band(
+            block.conv1, lambda lo, hi: _norm_silu(affine1, hidden[:, :, lo:hi]), start, stop, height
+        )
 
     affine2 = _group_affine(block.norm2, (h_rows(a, b) for a, b in _bands(height)))
 
     def output(start: int, stop: int) -> torch.Tensor:
-        lo, hi = max(0, start - 1), min(height, stop + 1)
-        rows = _norm_silu(affine2, h_rows(lo, hi))
-        return _conv(block.conv2, _padded_rows(rows, start, stop, height, 1)).add_(hidden[:, :, start:stop])
+        out = _conv_band(block.conv2, lambda lo, hi: _norm_silu(affine2, h_rows(lo, hi)), start, stop, height)
+        return out.add_(hidden[:, :, start:stop])
 
     _write_lagging(hidden, _bands(height), output)
     return hidden

@@ -287,11 +287,8 @@ class MapDiff:
         self.attention_layers = cross_attention_layers(unet, self.config.attention_blocks)
         #: UNet modules removed because the early exit never reaches them (see drop_unreached_modules)
         self.dropped_modules = [n for n, m in unet.named_modules() if isinstance(m, DroppedModule)]
-        #: UNet layers replaced by their outputs (see :mod:`clipfusion.branches.conditioning`), the timesteps
-        #: they were computed at, and what the weights fingerprint reads of the UNet before any was freed
-        tables = {n: m for n, m in unet.named_modules() if isinstance(m, KnownInputs)}
-        self.precomputed: list[str] = list(tables)
-        self._precomputed_timesteps = tuple(dict.fromkeys(t for m in tables.values() for t in m.timesteps))
+        self._note_tables()
+        #: what the weights fingerprint reads of the UNet before any of it was freed
         self._unet_records: tuple[bytes, ...] | None = None
         self._check_components()
         self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
@@ -558,8 +555,15 @@ class MapDiff:
         if self._unet_records is None:  # the weights as loaded, before any is freed
             self._unet_records = fingerprint_records("unet", self.unet)
         prompts = list({id(t): t for t in self._embeddings.values()}.values())
-        self.precomputed = precompute_conditioning(self.unet, [self.config.timestep], prompts)
-        self._precomputed_timesteps = (self.config.timestep,) if self.precomputed else ()
+        precompute_conditioning(self.unet, [self.config.timestep], prompts)
+        self._note_tables()
+
+    def _note_tables(self) -> None:
+        """Which UNet layers are tables of their outputs (:mod:`clipfusion.branches.conditioning`) and for
+        which timesteps, read from the UNet itself (it may come precomputed from :meth:`from_config`)."""
+        tables = {n: m for n, m in self.unet.named_modules() if isinstance(m, KnownInputs)}
+        self.precomputed: list[str] = list(tables)
+        self._precomputed_timesteps = tuple(dict.fromkeys(t for m in tables.values() for t in m.timesteps))
 
     # -- saving and loading the fitted state ----------------------------------------------------------------
     def state(self) -> BranchState:
