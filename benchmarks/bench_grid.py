@@ -49,7 +49,7 @@ TARGET = 2.3
 
 class ModelClock:
     """Seconds spent in wrapped methods of the branch instances, by label, exclusive of nested wrapped calls
-    (``MapDiff.predict`` runs the VAE and the UNet from inside ``maps_from_passes``: that is model time,
+    (``MapDiff.predict`` runs the UNet passes from inside ``maps_from_passes``: that is model time,
     not map arithmetic)."""
 
     def __init__(self) -> None:

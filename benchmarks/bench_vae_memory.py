@@ -4,8 +4,9 @@ The speed issue's memory target (< 5 GB peak at the resolved dtype, random-full,
 CPU without AMX: about 4.7 GB are resident once the float32 models are loaded, and the VAE encoder is the only
 stage that works at 512 × 512 with 128 channels (134 MB per activation). This script isolates it and
 reports, in a fresh process per variant, its peak above the resident set for one image, and each top-level
-block's own transient peak: diffusers' forward against MapDiff's lean pass (``clipfusion.branches.lean_vae``:
-each activation released as soon as nothing reads it, the same latents bit for bit; banded, the first block
+block's own transient peak: diffusers' forward against MapDiff's lean pass
+(``clipfusion.branches.mapdiff.lean_vae``: each activation released as soon as nothing reads it, the same
+latents bit for bit; banded, the first block
 holds one activation at a time and its latents are diffusers' to float32 rounding), with and without banding,
 channels-last and in-place SiLU.
 
@@ -89,7 +90,7 @@ def child(options: list[str]) -> dict:
         first.register_forward_pre_hook(opener(name))
     encoder.conv_out.register_forward_hook(lambda *_args: close() if measuring else None)
     if "lean" in options:
-        from clipfusion.branches.lean_vae import encode_moments
+        from clipfusion.branches.mapdiff.lean_vae import encode_moments
 
         band_min_bytes = 1 << 62 if "unbanded" in options else None
 

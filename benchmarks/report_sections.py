@@ -265,7 +265,7 @@ def memory_section(memory: list[dict[str, Any]], preset: str, on: str) -> list[s
         "`before`: "
         "the same dtype with the text encoders loaded beside the image models and freed after the fit, "
         "the UNet's unreached blocks kept, diffusers' own VAE forward with its "
-        "activations out of place (not the lean pass of `clipfusion.branches.lean_vae`) and glibc's "
+        "activations out of place (not the lean pass of `clipfusion.branches.mapdiff.lean_vae`) and glibc's "
         "default mmap threshold (not `runtime.map_large_blocks`). The "
         "time column is one call per image in a fresh process (not interleaved): the only timing a dtype "
         "too slow to interleave gets. GB = 10⁹ bytes.",

@@ -210,7 +210,7 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path | None, Path]:
 def write_report(results: dict[str, Any], json_path: Path, out: Path | None, results_dir: Path) -> str:
     """Write the JSON and the Markdown; a CPU report takes in the GPU results found next to its JSON."""
     from benchmarks.report import render_markdown
-    from clipfusion.outputs.files import atomic_write_text  # an interrupted write never truncates old results
+    from clipfusion.files import atomic_write_text  # an interrupted write never truncates old results
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(results, indent=1, default=str) + "\n")

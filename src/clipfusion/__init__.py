@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from clipfusion.calibration import Thresholds, calibrate
+from clipfusion.calibration import calibrate
 from clipfusion.config import CLIPFusionConfig, MapDiffConfig, PatchCLIPConfig
 from clipfusion.errors import ClipfusionError
-
-__version__ = "0.1.0"
+from clipfusion.provenance import __version__
+from clipfusion.thresholds import Thresholds
 
 __all__ = [
     "AnomalyResult",

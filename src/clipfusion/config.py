@@ -280,6 +280,17 @@ class CLIPFusionConfig:
         return with_overrides(self, overrides)
 
 
+def check_batch_size(batch_size: Any, option: str = "batch_size") -> int | None:
+    """A batch size as given (``None``: the caller's default), refusing anything but a positive integer
+    with one line naming ``option`` (``batch_size``, ``--batch-size``): every entry point (the detector,
+    the branches, the server, the Ray engine, a grid) checks through here."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ConfigError(f"{option} must be at least 1 (a whole number), got {batch_size!r}")
+    return batch_size
+
+
 def _one_of(name: str, value: str, choices: tuple[str, ...], problems: list[str]) -> None:
     if value not in choices:
         problems.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -452,7 +463,7 @@ def save_config(
     :func:`clipfusion.runtime.resolve_placement`) is stored as a ``resolved`` table beside the options: a
     record of the run, not an option, so :func:`load_config` ignores it.
     """
-    from clipfusion.outputs.files import atomic_write_bytes
+    from clipfusion.files import atomic_write_bytes
 
     path = Path(path)
     data = config.to_dict()

@@ -16,10 +16,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipfusion import fitted
 from clipfusion.branches import Branch
-from clipfusion.calibration import Thresholds
-from clipfusion.config import CLIPFusionConfig, load_config, load_preset, save_config, with_overrides
+from clipfusion.config import (
+    CLIPFusionConfig,
+    check_batch_size,
+    load_config,
+    load_preset,
+    save_config,
+    with_overrides,
+)
+from clipfusion.data.images import MIN_SIDE, ImageLike, open_image_like
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.files import sha256_file
 from clipfusion.fusion import MAP_NAMES, fuse_components
 from clipfusion.progress import progress_bar
 from clipfusion.runtime import (
@@ -29,8 +38,8 @@ from clipfusion.runtime import (
     resolve_placement,
     return_freed_memory,
 )
+from clipfusion.thresholds import Thresholds, pixel_mask
 
-ImageLike = str | Path | Image.Image
 log = logging.getLogger(__name__)
 # what fit and predict take: paths or PIL images, or a float (N, 3, H, W) tensor batch in [0, 1]
 Images = Sequence[ImageLike] | ImageLike | torch.Tensor
@@ -57,7 +66,7 @@ class AnomalyResult:
 
     def mask(self, threshold: float) -> np.ndarray:
         """Binary anomaly mask: pixels whose fused value exceeds ``threshold`` (same scale as the map)."""
-        return self.anomaly_map > threshold
+        return pixel_mask(self.anomaly_map, threshold)
 
 
 def _as_batch(images: torch.Tensor) -> torch.Tensor:
@@ -67,8 +76,6 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
     outside mean the tensor is not pixels in [0, 1] (mean/std-normalised, or 0..255), which would give
     silently wrong maps, so they are refused.
     """
-    from clipfusion.data.images import MIN_SIDE
-
     batch = images.unsqueeze(0) if images.ndim == 3 else images
     if batch.ndim != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
         raise InputError(
@@ -87,17 +94,6 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
         if low < 0 or high > 1:
             batch = batch.clamp(0.0, 1.0)
     return batch
-
-
-def _as_image(item: ImageLike) -> tuple[Image.Image, str | None]:
-    from clipfusion.data.images import MIN_SIDE, load_image
-
-    if isinstance(item, Image.Image):
-        if min(item.size) < MIN_SIDE:
-            width, height = item.size
-            raise InputError(f"<PIL image {width}×{height}>: image too small (at least {MIN_SIDE} px a side)")
-        return item.convert("RGB"), None
-    return load_image(item, min_side=MIN_SIDE), str(item)
 
 
 class CLIPFusion:
@@ -226,14 +222,29 @@ class CLIPFusion:
                 record[branch.name] = {"device": str(device), "dtype": dtype_name(dtype)}
         return record
 
-    # -- a fitted detector on disk ------------------------------------------------------------------------
+    # -- a fitted detector on disk (the folder's format: clipfusion.fitted) ----------------------------------
     def save(self, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
         """Save the fit to a folder (configuration, object name, text and prompt embeddings, memory banks,
         reference names and sha256, ``thresholds`` or else :attr:`thresholds`, software versions, and a
         fingerprint of the model weights; not the weights themselves). Layout: :mod:`clipfusion.fitted`."""
-        from clipfusion import fitted
-
-        return fitted.save(self, directory, thresholds)
+        if self.object_name is None:
+            raise ClipfusionError("save: fit the detector first (fit(object_name, references))")
+        branches = {
+            branch.name: fitted.FittedBranch(
+                branch.state(),
+                branch.weights_fingerprint(),
+                fitted.weights_source(self.config, self.weights_dir, branch.name),
+            )
+            for branch in self.branches
+        }
+        return fitted.write(
+            directory,
+            config=self.config,
+            object_name=self.object_name,
+            references=list(zip(self.references, self.reference_sha256, strict=True)),
+            branches=branches,
+            thresholds=thresholds if thresholds is not None else self.thresholds,
+        )
 
     @classmethod
     def load(
@@ -250,17 +261,33 @@ class CLIPFusion:
         :attr:`thresholds`. The model weights come from ``weights_dir`` or the cache, as for the
         constructor, and must be the ones the fit used (else a :class:`~clipfusion.errors.ConfigError`
         naming what differs); the text encoders are not loaded. ``device`` overrides where it runs."""
-        from clipfusion import fitted
-
-        return fitted.load(
-            cls,
-            directory,
-            weights_dir=weights_dir,
-            local_files_only=local_files_only,
-            device=device,
+        record = fitted.read(directory)
+        config = record.config if device is None else record.config.replace(device=device)
+        folder = Path(weights_dir).expanduser() if weights_dir is not None else None
+        for name, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)):
+            if used:
+                record.check_weights_folder(name, folder)
+        detector = cls(
+            config,
             clip=clip,
             diffusion=diffusion,
+            weights_dir=folder,
+            local_files_only=local_files_only,
+            text_encoders=False,
         )
+        for branch in detector.branches:
+            record.check_fingerprint(branch.name, branch.weights_fingerprint(), detector.config, folder)
+            state = record.branch_state(branch.name)
+            try:
+                branch.load_state(state)
+            except ClipfusionError as exc:
+                raise InputError(f"{record.branch_path(branch.name)}: {exc}") from exc
+        detector.release_text_encoders()  # none was loaded; the prompts are final (precompute_conditioning)
+        detector.object_name = record.object_name
+        detector.references = record.reference_names
+        detector.reference_sha256 = [ref.get("sha256") for ref in record.references]
+        detector.thresholds = record.thresholds
+        return detector
 
     # -- fit / predict ------------------------------------------------------------------------------------
     @property
@@ -278,14 +305,13 @@ class CLIPFusion:
         """Prepare for one product: prompts for ``object_name``; memory banks from ``references`` (normal
         images: paths, PIL images or a float ``(N, 3, H, W)`` tensor in [0, 1]; empty or None → zero-shot)."""
         from clipfusion.data import object_name as to_object_name
-        from clipfusion.models.weights import sha256_file
 
         name = to_object_name(object_name, self.config.object_names)
         if isinstance(references, torch.Tensor):
             images: list[Image.Image] | torch.Tensor = _as_batch(references)
             paths: list[str | None] = [None] * len(images)
         else:
-            loaded = [_as_image(r) for r in (references or [])]
+            loaded = [open_image_like(r) for r in (references or [])]
             images, paths = [img for img, _ in loaded], [path for _, path in loaded]
         start = time.perf_counter()
         for branch in self.branches:
@@ -331,9 +357,7 @@ class CLIPFusion:
             images = [images]
         elif isinstance(images, torch.Tensor):
             images = _as_batch(images)
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        batch_size = batch_size or self.default_batch_size
+        batch_size = check_batch_size(batch_size) or self.default_batch_size
         results: list[AnomalyResult] = []
         bar = progress_bar(len(images), "predict", enabled=progress)
         config_dict = self.config.to_dict()
@@ -343,7 +367,7 @@ class CLIPFusion:
                 pixels: list[Image.Image] | torch.Tensor = images[start : start + batch_size]
                 chunk = [(None, None)] * len(pixels)
             else:
-                chunk = [_as_image(item) for item in images[start : start + batch_size]]
+                chunk = [open_image_like(item) for item in images[start : start + batch_size]]
                 pixels = [img for img, _ in chunk]
             try:
                 components = self.predict_components(pixels, batch_size=batch_size)
@@ -378,14 +402,6 @@ class CLIPFusion:
             bar.update(len(chunk))
         bar.close()
         return results
-
-    def predict_tensors(
-        self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """One list of PIL images (or a float ``(N, 3, H, W)`` batch in [0, 1]) through both branches
-        (``batch_size`` per forward pass) and the fusion; float32 CPU tensors: ``score``, ``anomaly_map``,
-        the four smoothed maps and ``s_clip_L``."""
-        return self.fuse(self.predict_components(images, batch_size=batch_size))
 
     def predict_components(
         self, images: Sequence[Image.Image] | torch.Tensor, *, batch_size: int | None = None

@@ -33,3 +33,18 @@ class InputErrors(InputError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def first_line(exc: BaseException, default: str = "no detail") -> str:
+    """The first non-blank line of an exception's message (``default`` when it has none): what a one-line
+    error quotes of a library's multi-line message (a hub error, a checkpoint mismatch)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return default
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, whitespace folded: a failure reported per image or per record, where
+    the kind of error is part of the story and a newline would break the record."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())

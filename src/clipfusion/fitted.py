@@ -1,4 +1,6 @@
-"""A fitted detector on disk: what :meth:`CLIPFusion.save` writes and :meth:`CLIPFusion.load` reads.
+"""The fitted-detector folder: its format, read and written, and the checks a folder must pass before its
+state is used. :meth:`CLIPFusion.save` and :meth:`CLIPFusion.load` assemble a detector from it; this module
+knows nothing of the detector.
 
 Fitting is cheap next to scoring a plant's archive, but it has to be the *same* fit everywhere the detector
 runs (every Ray worker, every server process, next year's audit): so the fit is saved once, with everything
@@ -13,10 +15,10 @@ from and are checked, not copied. Layout of a fitted folder (format 1)::
     DIR/diffusion.safetensors  MapDiff: prompt token ids and embeddings per state word; memory bank
     DIR/thresholds.json        calibrated thresholds (only when calibrated)
 
-Only JSON and safetensors are ever read (no pickle). Loading refuses, with one line, a folder that is not a
-fitted detector, is of a later format, misses a file or holds a file changed since saving, and weights that
-differ from the fit's (weights-folder manifest hashes where one was used, and always a fingerprint of the
-loaded tensors).
+Only JSON and safetensors are ever read (no pickle). Reading refuses, with one line, a folder that is not a
+fitted detector, is of a later format, misses a file or holds a file changed since saving; loading refuses
+weights that differ from the fit's (weights-folder manifest hashes where one was used, and always a
+fingerprint of the loaded tensors).
 """
 
 from __future__ import annotations
@@ -24,18 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from clipfusion.calibration import Thresholds
+from clipfusion.branches import BranchState
 from clipfusion.config import CLIPFusionConfig, load_config
-from clipfusion.errors import ClipfusionError, ConfigError, InputError
-from clipfusion.models.weights import sha256_file
-
-if TYPE_CHECKING:
-    from clipfusion.branches import Branch
-    from clipfusion.detector import CLIPFusion
+from clipfusion.errors import ConfigError, InputError
+from clipfusion.files import atomic_write_bytes, atomic_write_text, read_json, sha256_file
+from clipfusion.provenance import __version__, software_versions
+from clipfusion.thresholds import Thresholds
 
 FORMAT = 1
 KIND = "clipfusion-fitted-detector"
@@ -44,10 +45,22 @@ CONFIG_FILE = "config.json"
 THRESHOLDS_FILE = "thresholds.json"
 #: the only kinds of file a fitted folder holds (and the only ones loading reads)
 SUFFIXES = (".json", ".safetensors")
+#: the branches a fitted folder may hold a state of
+BRANCHES = ("clip", "diffusion")
 
 
 def branch_file(name: str) -> str:
     return f"{name}.safetensors"
+
+
+@dataclass(frozen=True)
+class FittedBranch:
+    """One branch of a fit as it is saved: its state, the fingerprint of the weights that state was computed
+    with, and where those weights came from (:func:`weights_source`)."""
+
+    state: BranchState
+    fingerprint: str
+    source: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -67,14 +80,76 @@ class FittedRecord:
     def references(self) -> list[dict[str, Any]]:
         return list(self.record.get("references", []))
 
+    @property
+    def reference_names(self) -> list[str]:
+        return [str(ref.get("name")) for ref in self.references]
 
-def weights_source(detector: CLIPFusion, branch: str) -> dict[str, Any]:
+    def branch_path(self, branch: str) -> Path:
+        return self.path / str(self.record["branches"][branch]["file"])
+
+    def check_weights_folder(self, branch: str, weights_dir: Path | None) -> None:
+        """Before any model is loaded: the weights folder's manifest must list the files the fit used with
+        the same sha256 (a folder without a manifest is checked by the fingerprint alone)."""
+        if weights_dir is None:
+            return
+        from clipfusion.models.weights import manifest_files
+
+        source = self.record["branches"][branch]["weights"].get("source")
+        recorded = source.get("weights_dir_files") if isinstance(source, dict) else None
+        if not isinstance(recorded, dict) or not recorded:
+            return
+        found = manifest_files(weights_dir)
+        for rel, sha in sorted(recorded.items()):
+            if rel in found and found[rel] != sha:
+                raise ConfigError(
+                    f"{self.path}: the {branch} weights differ from the fit's: {weights_dir / rel} has "
+                    f"sha256 {found[rel][:12]}…, the detector was fitted with {sha[:12]}…; use the weights "
+                    "folder the fit used, or fit again"
+                )
+
+    def check_fingerprint(
+        self, branch: str, found: str, config: CLIPFusionConfig, weights_dir: Path | None
+    ) -> None:
+        """The loaded weights' fingerprint (``found``) must be the fit's; else one line saying which weights
+        were found (those ``config`` and ``weights_dir`` point at) and which the fit used."""
+        entry = self.record["branches"][branch]["weights"]
+        if found != entry["fingerprint"]:
+            saved = _describe(entry.get("source", {}))
+            now = _describe(weights_source(config, weights_dir, branch))
+            raise ConfigError(
+                f"{self.path}: the {branch} weights found ({now}; fingerprint {found[:12]}) are not the "
+                f"ones the detector was fitted with ({saved}; fingerprint {entry['fingerprint'][:12]}); load "
+                "with the weights the fit used, or fit again"
+            )
+
+    def branch_state(self, branch: str) -> BranchState:
+        """The saved state of one branch (its safetensors tensors, on the CPU, and its meta)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = self.branch_path(branch)
+        try:
+            tensors = load_file(str(file), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{file}: not a readable safetensors file ({exc})") from exc
+        return BranchState(tensors, dict(self.record["branches"][branch]["meta"]))
+
+
+class _Weighed(Protocol):
+    """What :func:`weights_source` needs of the weights' configuration."""
+
+    @property
+    def clip(self) -> Any: ...
+
+    @property
+    def diffusion(self) -> Any: ...
+
+
+def weights_source(config: _Weighed, weights_dir: Path | None, branch: str) -> dict[str, Any]:
     """Where a branch's weights come from, as the configuration and weights folder say: recorded at save
     time, and used to say what differs when loading meets other weights."""
     from clipfusion.models.weights import SD_SUBDIR, clip_subdir, manifest_files
 
-    config = detector.config
-    folder = detector.weights_dir
     if branch == "clip":
         clip = config.clip
         if clip.weights == "random":
@@ -91,9 +166,9 @@ def weights_source(detector: CLIPFusion, branch: str) -> dict[str, Any]:
             }
         source = {"weights": "pretrained", "model": diffusion.model, "revision": diffusion.revision}
         subdir = SD_SUBDIR
-    if folder is not None:
-        source["weights_dir"] = str(folder)
-        source["weights_dir_files"] = manifest_files(folder, subdir)
+    if weights_dir is not None:
+        source["weights_dir"] = str(weights_dir)
+        source["weights_dir_files"] = manifest_files(weights_dir, subdir)
     return source
 
 
@@ -107,32 +182,36 @@ def _describe(source: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------
-# saving
+# writing
 
 
-def save(detector: CLIPFusion, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
-    """Write a fitted detector folder (see the module docstring); ``thresholds`` default to the detector's.
+def write(
+    directory: str | Path,
+    *,
+    config: CLIPFusionConfig,
+    object_name: str,
+    references: Sequence[tuple[str, str | None]],
+    branches: Mapping[str, FittedBranch],
+    thresholds: Thresholds | None = None,
+) -> Path:
+    """Write a fitted folder (see the module docstring): the configuration, one safetensors file per branch
+    state, the thresholds, and ``detector.json``; ``references`` are ``(name, sha256 or None)`` pairs.
 
     Every file is written atomically and ``detector.json``, which holds the others' sha256, last: a save
-    that is interrupted leaves a folder that loading refuses, never one that loads wrongly. An existing
-    fitted folder is replaced; any other non-empty folder is refused.
+    that is interrupted leaves a folder that reading refuses, never one that loads wrongly. An existing
+    fitted folder is replaced; any other non-empty folder is refused. Thresholds made for another
+    configuration or object are refused before anything is written.
     """
     from safetensors.torch import save as safetensors_bytes
 
-    from clipfusion.evaluation.results import software_versions
-    from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
-
-    if detector.object_name is None:
-        raise ClipfusionError("save: fit the detector first (fit(object_name, references))")
     directory = Path(directory)
-    thresholds = thresholds if thresholds is not None else detector.thresholds
-    config_dict = detector.config.to_dict()
+    config_dict = config.to_dict()
     if thresholds is not None:
         thresholds.check_config(config_dict)
-        if thresholds.object_name is not None and thresholds.object_name != detector.object_name:
+        if thresholds.object_name is not None and thresholds.object_name != object_name:
             raise ConfigError(
                 f"save: the thresholds were calibrated for {thresholds.object_name!r}, the detector is "
-                f"fitted for {detector.object_name!r}"
+                f"fitted for {object_name!r}"
             )
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: exists and is not a folder")
@@ -142,46 +221,41 @@ def save(detector: CLIPFusion, directory: str | Path, thresholds: Thresholds | N
 
     files: dict[str, str] = {}
 
-    def write(name: str, payload: bytes) -> None:
+    def put(name: str, payload: bytes) -> None:
         atomic_write_bytes(directory / name, payload)
         files[name] = hashlib.sha256(payload).hexdigest()
 
-    write(CONFIG_FILE, (json.dumps(config_dict, indent=2) + "\n").encode())
-    branches: dict[str, Any] = {}
-    for branch in detector.branches:
-        state = branch.state()
+    put(CONFIG_FILE, (json.dumps(config_dict, indent=2) + "\n").encode())
+    saved: dict[str, Any] = {}
+    for name, branch in branches.items():
         # clones: safetensors refuses tensors that share storage, and views of a larger tensor
-        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state.tensors.items()}
-        write(branch_file(branch.name), safetensors_bytes(tensors, metadata={"format": str(FORMAT)}))
-        branches[branch.name] = {
-            "file": branch_file(branch.name),
-            "meta": state.meta,
-            "weights": {
-                "fingerprint": branch.weights_fingerprint(),
-                "source": weights_source(detector, branch.name),
-            },
+        tensors = {
+            key: value.detach().cpu().contiguous().clone() for key, value in branch.state.tensors.items()
+        }
+        put(branch_file(name), safetensors_bytes(tensors, metadata={"format": str(FORMAT)}))
+        saved[name] = {
+            "file": branch_file(name),
+            "meta": branch.state.meta,
+            "weights": {"fingerprint": branch.fingerprint, "source": branch.source},
         }
     if thresholds is not None:
-        write(THRESHOLDS_FILE, (json.dumps(thresholds.to_dict(), indent=2) + "\n").encode())
+        put(THRESHOLDS_FILE, thresholds.to_json().encode())
     record = {
         "format": FORMAT,
         "kind": KIND,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "object_name": detector.object_name,
-        "shots": detector.shots,
-        "references": [
-            {"name": name, "sha256": sha}
-            for name, sha in zip(detector.references, detector.reference_sha256, strict=True)
-        ],
-        "branches": branches,
+        "object_name": object_name,
+        "shots": len(references),
+        "references": [{"name": name, "sha256": sha} for name, sha in references],
+        "branches": saved,
         "thresholds": THRESHOLDS_FILE if thresholds is not None else None,
-        "random_weights": detector.config.random_weights,
+        "random_weights": config.random_weights,
         "versions": software_versions(),
         "files": files,
     }
     # files of an earlier save that this one does not rewrite (thresholds, a branch switched off) would
     # otherwise look like part of the new detector to a reader
-    for stale in (THRESHOLDS_FILE, branch_file("clip"), branch_file("diffusion")):
+    for stale in (THRESHOLDS_FILE, *(branch_file(b) for b in BRANCHES)):
         if stale not in files:
             (directory / stale).unlink(missing_ok=True)
     atomic_write_text(directory / DETECTOR_FILE, json.dumps(record, indent=2) + "\n")
@@ -189,7 +263,7 @@ def save(detector: CLIPFusion, directory: str | Path, thresholds: Thresholds | N
 
 
 # -------------------------------------------------------------------------------------------------------
-# reading and loading
+# reading
 
 
 def read(directory: str | Path) -> FittedRecord:
@@ -203,20 +277,13 @@ def read(directory: str | Path) -> FittedRecord:
         raise InputError(
             f"{path}: not a fitted clipfusion detector (no {DETECTOR_FILE}); make one with `clipfusion fit`"
         )
-    try:
-        record = json.loads(meta_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{meta_path}: cannot read ({exc.strerror or exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{meta_path}: not valid JSON ({exc})") from exc
+    record = read_json(meta_path, "fitted detector record")
     if not isinstance(record, dict) or record.get("kind") != KIND:
         raise InputError(f"{meta_path}: not a fitted clipfusion detector")
     version = record.get("format")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise InputError(f"{meta_path}: no valid format version")
     if version > FORMAT:
-        from clipfusion import __version__
-
         raise InputError(
             f"{path}: fitted detector format {version}; this clipfusion ({__version__}) reads format "
             f"{FORMAT} and older: upgrade clipfusion"
@@ -264,88 +331,34 @@ def read(directory: str | Path) -> FittedRecord:
     return FittedRecord(path, config, record, thresholds)
 
 
-def _check_weights_folder(fitted: FittedRecord, branch: str, weights_dir: Path | None) -> None:
-    """Before any model is loaded: the weights folder's manifest must list the files the fit used with the
-    same sha256 (a folder without a manifest is checked by the fingerprint alone)."""
-    if weights_dir is None:
-        return
-    from clipfusion.models.weights import manifest_files
-
-    source = fitted.record["branches"][branch]["weights"].get("source")
-    recorded = source.get("weights_dir_files") if isinstance(source, dict) else None
-    if not isinstance(recorded, dict) or not recorded:
-        return
-    found = manifest_files(weights_dir)
-    for rel, sha in sorted(recorded.items()):
-        if rel in found and found[rel] != sha:
-            raise ConfigError(
-                f"{fitted.path}: the {branch} weights differ from the fit's: {weights_dir / rel} has "
-                f"sha256 {found[rel][:12]}…, the detector was fitted with {sha[:12]}…; use the weights "
-                "folder the fit used, or fit again"
-            )
+# -------------------------------------------------------------------------------------------------------
+# the detector's own methods, under the names this module had before the detector assembled itself
 
 
-def _check_fingerprint(fitted: FittedRecord, detector: CLIPFusion, branch: Branch) -> None:
-    entry = fitted.record["branches"][branch.name]["weights"]
-    found = branch.weights_fingerprint()
-    if found != entry["fingerprint"]:
-        saved = _describe(entry.get("source", {}))
-        now = _describe(weights_source(detector, branch.name))
-        raise ConfigError(
-            f"{fitted.path}: the {branch.name} weights found ({now}; fingerprint {found[:12]}) are not the "
-            f"ones the detector was fitted with ({saved}; fingerprint {entry['fingerprint'][:12]}); load "
-            "with the weights the fit used, or fit again"
-        )
+class _Saves(Protocol):
+    def save(self, directory: str | Path, thresholds: Thresholds | None = None) -> Path: ...
 
 
-def load(
-    cls: type[CLIPFusion],
-    directory: str | Path,
-    *,
-    weights_dir: str | Path | None = None,
-    local_files_only: bool | None = None,
-    device: str | None = None,
-    clip: Branch | None = None,
-    diffusion: Branch | None = None,
-) -> CLIPFusion:
-    """A detector ready to predict, from a folder :func:`save` wrote (see :meth:`CLIPFusion.load`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from clipfusion.branches import BranchState
-
-    fitted = read(directory)
-    config = fitted.config if device is None else fitted.config.replace(device=device)
-    folder = Path(weights_dir).expanduser() if weights_dir is not None else None
-    for name, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)):
-        if used:
-            _check_weights_folder(fitted, name, folder)
-    detector = cls(
-        config,
-        clip=clip,
-        diffusion=diffusion,
-        weights_dir=folder,
-        local_files_only=local_files_only,
-        text_encoders=False,
-    )
-    for branch in detector.branches:
-        _check_fingerprint(fitted, detector, branch)
-        entry = fitted.record["branches"][branch.name]
-        file = fitted.path / entry["file"]
-        try:
-            tensors = load_file(str(file), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{file}: not a readable safetensors file ({exc})") from exc
-        try:
-            branch.load_state(BranchState(tensors, dict(entry["meta"])))
-        except ClipfusionError as exc:
-            raise InputError(f"{file}: {exc}") from exc
-    detector.release_text_encoders()  # none was loaded; the prompts are final (precompute_conditioning)
-    detector.object_name = fitted.object_name
-    detector.references = [str(ref.get("name")) for ref in fitted.references]
-    detector.reference_sha256 = [ref.get("sha256") for ref in fitted.references]
-    detector.thresholds = fitted.thresholds
-    return detector
+def save(detector: _Saves, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
+    """``detector.save(directory, thresholds)``."""
+    return detector.save(directory, thresholds)
 
 
-__all__ = ["FORMAT", "FittedRecord", "load", "read", "save"]
+def load(cls: Any, directory: str | Path, **options: Any) -> Any:
+    """``cls.load(directory, **options)``: a detector class (:class:`~clipfusion.CLIPFusion`) loads a
+    folder this module reads."""
+    return cls.load(directory, **options)
+
+
+__all__ = [
+    "DETECTOR_FILE",
+    "FORMAT",
+    "FittedBranch",
+    "FittedRecord",
+    "branch_file",
+    "load",
+    "read",
+    "save",
+    "weights_source",
+    "write",
+]

@@ -31,8 +31,8 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 def stage_seconds(detector: Any, image: Image.Image) -> dict[str, float]:
     """Seconds per stage of one image: the CLIP image tower and its maps, the diffusion pre-processing, the
-    VAE encoder, the UNet (to its early exit, every state word and noise draw), the diffusion maps, and the
-    fusion. Branches other than PatchCLIP and MapDiff are timed whole."""
+    VAE encoder, the UNet (to its early exit, every state word and noise draw: :meth:`MapDiff.passes`), the
+    diffusion maps, and the fusion. Branches other than PatchCLIP and MapDiff are timed whole."""
     from clipfusion.branches.mapdiff import MapDiff
     from clipfusion.branches.patchclip import PatchCLIP
 
@@ -53,22 +53,20 @@ def stage_seconds(detector: Any, image: Image.Image) -> dict[str, float]:
                 lambda b=branch: b.preprocess([image]), device
             )
             seconds["VAE encoder"], z0 = _timed(lambda b=branch, p=pixels: b.encode_latents(p), device)
+            # the branch's own pass loop, each pass timed as it runs; the maps of each pass after it
+            passes = branch.passes(z0)
             unet = maps_s = 0.0
-            for draw in range(branch.config.n_noise):
-                sample = branch.unet_input(z0, draw)
-                for state in branch.config.state_words:
-                    embeddings = branch.prompt_embeddings(branch.object_name, state)
-                    elapsed, capture = _timed(
-                        lambda b=branch, s=sample, e=embeddings: b.run_unet(s, e), device
-                    )
-                    unet += elapsed
-                    start = time.perf_counter()
-                    outputs["diff_L"] = branch.attention_map(capture, branch.prompts[state])
-                    if branch.memory_bank is not None:
-                        outputs["diff_V"] = branch.feature_distance(
-                            capture, branch.memory_bank[(state, draw)]
-                        )
-                    maps_s += time.perf_counter() - start
+            while True:
+                elapsed, one = _timed(lambda p=passes: next(p, None), device)
+                if one is None:
+                    break
+                unet += elapsed
+                start = time.perf_counter()
+                diff_l, diff_v = branch.maps_from_passes([one], branch.prompts, branch.memory_bank)
+                outputs["diff_L"] = diff_l  # type: ignore[assignment]
+                if diff_v is not None:
+                    outputs["diff_V"] = diff_v
+                maps_s += time.perf_counter() - start
             seconds["UNet"], seconds["diffusion maps"] = unet, maps_s
         else:
             seconds[f"{branch.name} (whole branch)"], produced = _timed(

@@ -14,13 +14,8 @@ from PIL import Image
 from clipfusion.config import load_preset
 from clipfusion.detector import CLIPFusion
 from clipfusion.evaluation import evaluate
-from clipfusion.evaluation.grid import (
-    LatentCache,
-    _GridEngine,
-    build_config,
-    evaluate_grid,
-    grid_config_points,
-)
+from clipfusion.evaluation.grid import LatentCache, build_config, evaluate_grid, grid_config_points
+from clipfusion.evaluation.grid.engine import GridEngine as _GridEngine
 from clipfusion.evaluation.gridspec import apply_point
 from clipfusion.evaluation.results import METRIC_COLUMNS
 from clipfusion.evaluation.sweep import sweep

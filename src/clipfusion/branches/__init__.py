@@ -1,9 +1,9 @@
 """The two branches of CLIPFusion and the one interface the detector knows them by.
 
-:class:`PatchCLIP` (``patchclip.py``) and :class:`MapDiff` (``mapdiff.py``) each turn images into component
-maps; ``memory.py`` holds the nearest-neighbour distance both memory-bank maps use and ``attention.py`` the
-cross-attention capture of the diffusion branch. Branches take images and return tensors; loading lives in
-:mod:`clipfusion.models`.
+:class:`PatchCLIP` (``patchclip.py``) and :class:`MapDiff` (the ``mapdiff/`` wing: the branch and the UNet
+surgery, capture, prompts, lean VAE and conditioning tables that only it uses) each turn images into
+component maps; ``memory.py`` holds the nearest-neighbour distance both memory-bank maps use. Branches take
+images and return tensors; loading lives in :mod:`clipfusion.models`.
 """
 
 from __future__ import annotations
@@ -95,13 +95,9 @@ class Branch(Protocol):
 
 def resolve_batch_size(batch_size: int | None, default: int) -> int:
     """A ``predict`` call's batch size: the one asked for, else the branch's default; refuses nonsense."""
-    from clipfusion.errors import ConfigError
+    from clipfusion.config import check_batch_size
 
-    if batch_size is None:
-        return default
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return check_batch_size(batch_size) or default
 
 
 __all__ = ["Branch", "BranchState", "resolve_batch_size"]

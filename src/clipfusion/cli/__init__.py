@@ -14,7 +14,6 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from clipfusion import __version__
 from clipfusion.cli import bench, config, demo, evaluate, fit, predict, serve, sweep, weights
 from clipfusion.cli.options import (
     EXIT_ERROR,
@@ -27,6 +26,7 @@ from clipfusion.cli.options import (
     err,
 )
 from clipfusion.errors import ClipfusionError, WeightsUnavailableError
+from clipfusion.provenance import __version__
 
 #: the subcommands, in the order ``clipfusion --help`` lists them; each module has ``register(subparsers)``
 COMMANDS = (evaluate, sweep, predict, fit, serve, demo, weights, config, bench)

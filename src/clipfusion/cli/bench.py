@@ -22,11 +22,11 @@ from clipfusion.cli.options import (
     add_model_options,
     build_config,
     err,
-    random_weights_banner,
     say,
     weights_dir,
 )
 from clipfusion.errors import ConfigError
+from clipfusion.provenance import RANDOM_SPEED_NOTE, random_weights_banner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipfusion.cli.config import resolved_here
     from clipfusion.detector import CLIPFusion
-    from clipfusion.outputs.files import atomic_write_text
+    from clipfusion.files import atomic_write_text
     from clipfusion.outputs.folders import check_output_file
     from clipfusion.runtime import cpu_features
     from clipfusion.speed import measure
@@ -121,7 +121,7 @@ def format_report(r: dict[str, Any]) -> str:
     )
     lines = [
         f"clipfusion bench: preset {r['preset']}"
-        + (" (random weights: speed and memory only)" if r["random_weights"] else ""),
+        + (f" ({RANDOM_SPEED_NOTE})" if r["random_weights"] else ""),
         f"  machine: {r['cpu'] or 'CPU'}; {placement}",
     ]
     if "auto_dtype" in r["resolved"]:

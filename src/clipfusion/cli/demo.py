@@ -16,6 +16,7 @@ from pathlib import Path
 from clipfusion.cli.options import add_weights_option, say, show_progress, warn, weights_dir
 from clipfusion.config import load_preset
 from clipfusion.errors import WeightsUnavailableError
+from clipfusion.provenance import DEMO_FALLBACK_BANNER
 
 DEMO_CATEGORIES = ("woven_fabric", "bottle_cap")
 
@@ -64,10 +65,7 @@ def run(args: argparse.Namespace) -> int:
     detector, why = load_detector(weights_dir(args))
     banner = ""
     if why is not None:
-        banner = (
-            "PIPELINE DEMONSTRATION with tiny random-weight models: the pretrained weights are not on this "
-            "machine, so these scores and maps say nothing about detection quality."
-        )
+        banner = DEMO_FALLBACK_BANNER
         _loud(
             f"{banner}\nWhy: {why}\n"
             "To use the real models: `clipfusion weights fetch --to DIR` on a connected machine,\n"

@@ -10,7 +10,6 @@ from clipfusion.cli.options import (
     EXIT_OK,
     add_model_options,
     build_config,
-    random_weights_banner,
     say,
     show_progress,
     warn,
@@ -19,6 +18,7 @@ from clipfusion.cli.options import (
 from clipfusion.config import CLIPFusionConfig
 from clipfusion.data.datasets import DATASET_KINDS
 from clipfusion.errors import ConfigError, InputError
+from clipfusion.provenance import random_weights_banner
 
 
 def register(sub: argparse._SubParsersAction) -> None:

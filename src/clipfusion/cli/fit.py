@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from clipfusion.cli.options import (
     EXIT_OK,
@@ -14,41 +13,13 @@ from clipfusion.cli.options import (
     add_model_options,
     build_config,
     err,
-    random_weights_banner,
     say,
     show_progress,
     warn,
     weights_dir,
 )
 from clipfusion.errors import ConfigError, InputError
-
-if TYPE_CHECKING:
-    from clipfusion.fitted import FittedRecord
-
-
-def read_fitted(args: argparse.Namespace) -> FittedRecord:
-    """``predict --fitted DIR``, checked before any model is loaded; the options it replaces are refused
-    (``--device`` stays: where a fit runs does not change it)."""
-    from clipfusion.fitted import read
-
-    given = [
-        o
-        for o, v in (
-            ("--object", args.object),
-            ("--refs", args.refs),
-            ("--preset", args.preset),
-            ("--config", args.config),
-            ("--set", args.overrides),
-            ("--dtype", args.dtype),
-        )
-        if v
-    ]
-    if given:
-        raise ConfigError(
-            f"--fitted takes the object, references and configuration from {args.fitted}; "
-            f"drop {', '.join(given)}"
-        )
-    return read(args.fitted)
+from clipfusion.provenance import random_weights_banner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,11 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipfusion.calibration import DEFAULT_QUANTILE, calibrate
+    from clipfusion.calibration import calibrate
     from clipfusion.data.checks import check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.fitted import DETECTOR_FILE
     from clipfusion.outputs.folders import check_creatable, check_input_folder
+    from clipfusion.thresholds import DEFAULT_QUANTILE
 
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")

@@ -1,6 +1,6 @@
-"""What the commands share: the model options, the weights folder, the random-weights banner, status and
-error lines (through :mod:`logging`), and the options every command takes (``-q``, ``-v``, ``--log``,
-``--no-progress``).
+"""What the commands share: the model options, the weights folder, a ``--fitted`` folder checked before any
+model loads, status and error lines (through :mod:`logging`), and the options every command takes (``-q``,
+``-v``, ``--log``, ``--no-progress``).
 
 This is the only place that reads ``CLIPFUSION_WEIGHTS``: the library takes the weights folder as an explicit
 ``weights_dir`` and never looks at (or writes) the environment.
@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipfusion.config import (
     PRESETS,
     CLIPFusionConfig,
+    check_batch_size,
     load_config,
     load_preset,
     parse_overrides,
@@ -24,12 +26,11 @@ from clipfusion.config import (
 )
 from clipfusion.errors import ConfigError
 
+if TYPE_CHECKING:
+    from clipfusion.fitted import FittedRecord
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 WEIGHTS_ENV = "CLIPFUSION_WEIGHTS"
-RANDOM_WEIGHTS_BANNER = (
-    "PIPELINE DEMONSTRATION: random-weight models ({preset} preset). Scores and maps exercise the code path "
-    "only; they say nothing about detection quality."
-)
 
 
 log = logging.getLogger("clipfusion")
@@ -181,8 +182,7 @@ def build_config(args: argparse.Namespace) -> CLIPFusionConfig:
         overrides["device"] = args.device
     if args.dtype:
         overrides["dtype"] = args.dtype
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args.batch_size, "--batch-size")
     return with_overrides(config, overrides) if overrides else config
 
 
@@ -199,14 +199,29 @@ def weights_origin(args: argparse.Namespace) -> str:
     return "--weights-dir" if getattr(args, "weights_dir", None) is not None else WEIGHTS_ENV
 
 
-def random_weights_banner(config: CLIPFusionConfig) -> str:
-    return RANDOM_WEIGHTS_BANNER.format(preset=config.preset) if config.random_weights else ""
+def read_fitted(args: argparse.Namespace) -> FittedRecord:
+    """``predict --fitted DIR``, checked before any model is loaded; the options it replaces are refused
+    (``--device`` stays: where a fit runs does not change it)."""
+    from clipfusion.fitted import read
 
-
-def weights_label(config: CLIPFusionConfig) -> str:
-    """What every output file says about the weights: ``random`` (a pipeline demonstration) or
-    ``pretrained``."""
-    return "random" if config.random_weights else "pretrained"
+    given = [
+        o
+        for o, v in (
+            ("--object", args.object),
+            ("--refs", args.refs),
+            ("--preset", args.preset),
+            ("--config", args.config),
+            ("--set", args.overrides),
+            ("--dtype", args.dtype),
+        )
+        if v
+    ]
+    if given:
+        raise ConfigError(
+            f"--fitted takes the object, references and configuration from {args.fitted}; "
+            f"drop {', '.join(given)}"
+        )
+    return read(args.fitted)
 
 
 #: the three ways out when the pretrained weights are not on the machine
@@ -216,3 +231,25 @@ WEIGHTS_HINT = (
     "where DIR holds them; or (3) use --preset tiny for a pipeline check with random weights (no detection "
     "quality)"
 )
+
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "WEIGHTS_ENV",
+    "WEIGHTS_HINT",
+    "add_common_options",
+    "add_model_options",
+    "add_weights_option",
+    "build_config",
+    "configure_logging",
+    "err",
+    "read_fitted",
+    "say",
+    "show_progress",
+    "warn",
+    "weights_dir",
+    "weights_origin",
+]

@@ -12,7 +12,7 @@ from clipfusion.cli.options import (
     add_model_options,
     build_config,
     err,
-    random_weights_banner,
+    read_fitted,
     say,
     show_progress,
     warn,
@@ -20,6 +20,7 @@ from clipfusion.cli.options import (
 )
 from clipfusion.errors import ConfigError
 from clipfusion.outputs.report import REPORT_TOP
+from clipfusion.provenance import random_weights_banner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,16 +96,16 @@ RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "resu
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipfusion.calibration import DEFAULT_QUANTILE, Thresholds, calibrate, check_thresholds_for
-    from clipfusion.cli.fit import read_fitted
+    from clipfusion.calibration import calibrate
     from clipfusion.data.checks import check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs import report
     from clipfusion.outputs.folders import OutputFolder, check_input_file, check_input_folder
     from clipfusion.outputs.predictions import write_predictions
+    from clipfusion.thresholds import DEFAULT_QUANTILE, Thresholds, check_thresholds_for
 
     if args.engine == "ray":
-        from clipfusion.distributed.command import run as run_on_ray
+        from clipfusion.cli.predict_ray import run as run_on_ray
 
         return run_on_ray(args)
     given = [f"--{o.replace('_', '-')}" for o in RAY_OPTIONS if getattr(args, o) not in (None, False)]

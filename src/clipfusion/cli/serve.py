@@ -18,12 +18,12 @@ from clipfusion.cli.options import (
     EXIT_USAGE,
     add_weights_option,
     err,
-    random_weights_banner,
     say,
     warn,
     weights_dir,
 )
 from clipfusion.errors import ConfigError
+from clipfusion.provenance import random_weights_banner
 
 #: the token may come from the environment instead of the command line (where `ps` shows it)
 TOKEN_ENV = "CLIPFUSION_SERVE_TOKEN"

@@ -26,6 +26,9 @@ MAX_SIDE = 4096
 #: carry too little to upsample to the models' input size meaningfully.
 MIN_SIDE = 32
 
+#: what the detector takes for one image: a file path, or a PIL image already in memory
+ImageLike = str | Path | Image.Image
+
 
 class ImageTooLargeError(InputError):
     """An image over :data:`MAX_PIXELS` (or a possible decompression bomb): a server answers 413 for it,
@@ -163,6 +166,18 @@ def load_image_bytes(data: bytes, name: str, min_side: int | None = None) -> Ima
     if len(data) == 0:
         raise _fail(name, "empty file (0 bytes)")
     return _finish(_decode(io.BytesIO(data), name), name, min_side)
+
+
+def open_image_like(item: ImageLike) -> tuple[Image.Image, str | None]:
+    """An image the detector was given, as RGB, with its path (``None`` for an in-memory image): a file is
+    read by :func:`load_image`, a PIL image converted; either way one under :data:`MIN_SIDE` a side is
+    refused with one line."""
+    if isinstance(item, Image.Image):
+        if min(item.size) < MIN_SIDE:
+            width, height = item.size
+            raise InputError(f"<PIL image {width}×{height}>: image too small (at least {MIN_SIDE} px a side)")
+        return item.convert("RGB"), None
+    return load_image(item, min_side=MIN_SIDE), str(item)
 
 
 def _finish(image: Image.Image, path: Path | str, min_side: int | None) -> Image.Image:

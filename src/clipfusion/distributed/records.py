@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
+from clipfusion.files import atomic_write_bytes, atomic_write_text
 
 PARTS = ".clipfusion-parts"
 SCORES, OVERLAYS = "scores", "overlays"

@@ -34,10 +34,11 @@ from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.outputs import report
 from clipfusion.outputs.folders import OutputFolder, read_manifest
 from clipfusion.progress import progress_bar
+from clipfusion.thresholds import decide
 
 if TYPE_CHECKING:
-    from clipfusion.calibration import Thresholds
     from clipfusion.fitted import FittedRecord
+    from clipfusion.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +331,10 @@ def predict(
     mean the same file on every machine of the cluster (a shared file system).
     """
     from clipfusion import fitted as fitted_mod
-    from clipfusion.calibration import check_thresholds_for
-    from clipfusion.config import save_config
-    from clipfusion.outputs.predictions import WEIGHTS_NOTE, write_skipped_csv
+    from clipfusion.config import check_batch_size, save_config
+    from clipfusion.outputs.predictions import write_skipped_csv
+    from clipfusion.provenance import WEIGHTS_NOTE, random_weights_banner, weights_kind
+    from clipfusion.thresholds import check_thresholds_for
 
     started = time.perf_counter()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -341,8 +343,7 @@ def predict(
         raise ConfigError(f"--gpus-per-worker must be 0 or more, got {gpus_per_worker}")
     if cpus_per_worker <= 0:
         raise ConfigError(f"--cpus-per-worker must be positive, got {cpus_per_worker}")
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size, "--batch-size")
     if normalize not in report.NORMALISATIONS:
         raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
     if report_top is not None and report_top < 1:
@@ -357,11 +358,7 @@ def predict(
 
     record = fitted_mod.read(fitted)
     config = record.config
-    view = SimpleNamespace(
-        config=config,
-        object_name=record.object_name,
-        references=[str(r.get("name")) for r in record.references],
-    )
+    view = SimpleNamespace(config=config, object_name=record.object_name, references=record.reference_names)
     if thresholds is not None:
         check_thresholds_for(thresholds, view, "thresholds")
     chosen = thresholds if thresholds is not None else record.thresholds
@@ -370,11 +367,9 @@ def predict(
     if chosen is not None:
         chosen = replace(chosen, image=image_t, pixel=pixel_t)
     masks = pixel_t is not None
-    weights = "random" if config.random_weights else "pretrained"
+    weights = weights_kind(config)
     png_text = {"clipfusion-weights": WEIGHTS_NOTE[weights]}
-    if banner is None and config.random_weights:
-        from clipfusion.cli.options import random_weights_banner
-
+    if banner is None:
         banner = random_weights_banner(config)
 
     payload = _fitted_files(record)
@@ -613,9 +608,7 @@ def _write_report(
     paths, overlays = scored.column("path").to_pylist(), scored.column("overlay").to_pylist()
     entries = []
     for i in shown:
-        decision = None
-        if threshold is not None:
-            decision = "anomalous" if scores[i] > threshold else "normal"
+        said = decide(scores[i], threshold) if threshold is not None else None
         with Image.open(root / overlays[i]) as image:
             thumbnail = report.thumbnail_data_uri(image)
         entries.append(
@@ -624,7 +617,7 @@ def _write_report(
                 score=scores[i],
                 thumbnail=thumbnail,
                 overlay_href=overlays[i],
-                decision=decision,
+                decision=said,
             )
         )
     report.write_html(

@@ -3,7 +3,7 @@ batches of paths, and the function of the second pass that draws overlays on a s
 
 Both read images with :func:`clipfusion.data.load_image` (16-bit, CMYK, palette, EXIF rotation: the same
 pixels as a local run) and write their outputs straight into the output folder, each file atomically
-(:mod:`clipfusion.outputs.files`), so a worker killed mid-batch leaves no half-written file and the batch's
+(:mod:`clipfusion.files`), so a worker killed mid-batch leaves no half-written file and the batch's
 retry rewrites the same bytes. What comes back to the driver is one small record per image (status, score,
 the map's range), never a map or an image.
 
@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from clipfusion.errors import one_line
+from clipfusion.thresholds import pixel_mask
 
 #: the record of one image, as the workers return it (and the driver stores it for --resume)
 RECORD_SCHEMA = pa.schema(
@@ -61,10 +64,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def _load(source: str) -> Any:
     """The image, or the one-line problem with it (missing, corrupt, too small, too large …)."""
     from clipfusion.data.images import MIN_SIDE, load_image
@@ -75,7 +74,7 @@ def _load(source: str) -> Any:
     except InputError as exc:
         return str(exc)
     except Exception as exc:  # a worker never dies of an input file
-        return f"{source}: {_one_line(exc)}"
+        return f"{source}: {one_line(exc)}"
 
 
 def _as_given(problem: str, row: dict[str, Any]) -> str:
@@ -192,7 +191,7 @@ class ScoreBatch:
             if isinstance(item, str):
                 record.update(status=SKIPPED, problem=_as_given(item, row))
             elif isinstance(results[i], BaseException):
-                record.update(status=FAILED, problem=f"{row['path']}: {_one_line(results[i])}")
+                record.update(status=FAILED, problem=f"{row['path']}: {one_line(results[i])}")
             else:
                 result = results[i]
                 anomaly_map = result.anomaly_map
@@ -200,7 +199,7 @@ class ScoreBatch:
                 try:
                     report.save_npy(anomaly_map, self.out / row["map"])
                     if self.pixel_threshold is not None:
-                        mask = report.mask_image(anomaly_map > self.pixel_threshold, item.size)
+                        mask = report.mask_image(pixel_mask(anomaly_map, self.pixel_threshold), item.size)
                         report.save_png(mask, self.out / row["mask"], text=self.png_text)
                     if self.overlays:
                         _draw_overlay(item, anomaly_map, low, high, self.out / row["overlay"], self.png_text)
@@ -239,7 +238,7 @@ def draw_overlays(
                 anomaly_map = np.load(root / row["map"])
                 _draw_overlay(image, anomaly_map, vmin, vmax, root / row["overlay"], png_text)
             except Exception as exc:
-                record.update(status=FAILED, problem=f"{row['path']}: overlay: {_one_line(exc)}")
+                record.update(status=FAILED, problem=f"{row['path']}: overlay: {one_line(exc)}")
         records.append(record)
     return pa.Table.from_pylist(records, schema=OVERLAY_SCHEMA)
 

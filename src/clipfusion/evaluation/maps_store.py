@@ -74,7 +74,7 @@ def save_run_maps(
     masks: np.ndarray | None,
 ) -> Path:
     """Write one run's file atomically (see the module docstring for the format)."""
-    from clipfusion.outputs.files import atomic_write_bytes
+    from clipfusion.files import atomic_write_bytes
 
     n = len(paths)
     arrays: dict[str, np.ndarray] = {

@@ -24,15 +24,8 @@ import numpy as np
 from clipfusion.config import CLIPFusionConfig
 from clipfusion.data.datasets import dataset_categories, open_split
 from clipfusion.errors import ConfigError
-from clipfusion.evaluation.results import METRIC_COLUMNS, ResultStore, RunKey, software_versions
-
-
-def weights_label(config: CLIPFusionConfig) -> dict[str, str]:
-    """What results.json says about the weights: metrics of random weights measure the pipeline only."""
-    if config.random_weights:
-        note = "random weights: a pipeline demonstration; these metrics say nothing about detection quality"
-        return {"kind": "random", "note": note}
-    return {"kind": "pretrained", "note": "pretrained weights"}
+from clipfusion.evaluation.results import METRIC_COLUMNS, ResultStore, RunKey
+from clipfusion.provenance import software_versions, weights_record
 
 
 def run_plan(categories: Sequence[str], shots: Sequence[int], seeds: Sequence[int]) -> list[RunKey]:
@@ -112,7 +105,7 @@ def run_header(
         "versions": software_versions(),
         "protocol": {"shots": list(shots), "seeds": list(seeds), "zero_shot_runs_once": True},
         "skipped": list(skipped),
-        "weights": weights_label(config),
+        "weights": weights_record(config),
     }
 
 

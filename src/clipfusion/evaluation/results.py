@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import math
-import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfusion.errors import InputError
-from clipfusion.outputs.files import atomic_write_text
+from clipfusion.files import atomic_write_text, read_json
 
 METRIC_COLUMNS = (
     "image_auroc",
@@ -42,27 +41,6 @@ class RunKey:
     seed: int
 
 
-def software_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in (
-        "clipfusion",
-        "torch",
-        "torchvision",
-        "open_clip_torch",
-        "diffusers",
-        "transformers",
-        "safetensors",
-        "numpy",
-    ):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions
-
-
 def _fmt(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
 
@@ -79,7 +57,9 @@ def results_csv(runs: Sequence[dict[str, Any]], weights: str = "pretrained") -> 
     return buf.getvalue()
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the values that are numbers (NaN, NaN when none is): what a
+    table reports over seeds, so that a run without a metric does not turn the whole cell into NaN."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
@@ -87,7 +67,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), std
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def cell_text(mean: float, std: float, n: int) -> str:
+    """A table cell in percent: the mean alone for one value, ``mean ± std`` for several, ``–`` for none."""
     if math.isnan(mean):
         return "–"
     return f"{100 * mean:.1f}" if n <= 1 else f"{100 * mean:.1f} ± {100 * std:.1f}"
@@ -116,17 +97,17 @@ def summary_markdown(
             cells = []
             for column in METRIC_COLUMNS:
                 values = [r[column] for r in subset if r["category"] == category]
-                cells.append(_cell(*_mean_std(values), n=len(values)))
+                cells.append(cell_text(*mean_std(values), n=len(values)))
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
         cells = []
         for column in METRIC_COLUMNS:
             per_seed = []
             for seed in seeds:
                 values = [r[column] for r in subset if r["seed"] == seed]
-                mean, _ = _mean_std(values)
+                mean, _ = mean_std(values)
                 if not math.isnan(mean):
                     per_seed.append(mean)
-            cells.append(_cell(*_mean_std(per_seed), n=len(per_seed)))
+            cells.append(cell_text(*mean_std(per_seed), n=len(per_seed)))
         lines.append("| **mean** | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -142,10 +123,9 @@ class ResultStore:
         self.runs: list[dict[str, Any]] = []
         json_path = self.out_dir / "results.json"
         if resume and json_path.exists():
-            try:
-                previous = json.loads(json_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise InputError(f"{json_path}: cannot resume, the file is unreadable ({exc})") from exc
+            previous = read_json(json_path, "results file", hint="cannot resume from it")
+            if not isinstance(previous, dict):
+                raise InputError(f"{json_path}: not a clipfusion results file; cannot resume from it")
             if previous.get("config") != header["config"]:
                 raise InputError(
                     f"{json_path}: cannot resume, it was written with a different configuration; "

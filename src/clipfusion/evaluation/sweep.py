@@ -46,12 +46,12 @@ from clipfusion.evaluation.gridspec import (
     short_key,
     value_text,
 )
-from clipfusion.evaluation.results import METRIC_COLUMNS, SUMMARY_HEADERS, _cell, _mean_std
+from clipfusion.evaluation.results import METRIC_COLUMNS, SUMMARY_HEADERS, cell_text, mean_std
+from clipfusion.files import read_json
+from clipfusion.provenance import RANDOM_ABLATION_NOTE
 
-RANDOM_NOTE = (
-    "Random-weight models: these numbers check the pipeline only; ablations over them say nothing about "
-    "the method (use the pretrained weights)."
-)
+#: heads every table of a sweep over random weights (:data:`clipfusion.provenance.RANDOM_ABLATION_NOTE`)
+RANDOM_NOTE = RANDOM_ABLATION_NOTE
 
 
 @dataclass
@@ -128,7 +128,7 @@ def sweep(
         bar.close()
 
     out = Path(out_dir) if out_dir is not None else run_dir / "sweep"
-    note = RANDOM_NOTE if base.random_weights else ""
+    note = RANDOM_ABLATION_NOTE if base.random_weights else ""
     result = SweepResult(out, points, rows, check=check)
     result.files = _write_outputs(result, grid, base, run_dir, best_by, note, plots, log)
     result.seconds = time.perf_counter() - started
@@ -141,11 +141,11 @@ def _stored_rows(run_dir: Path) -> dict[Any, dict[str, Any]] | None:
     path = run_dir / "results.json"
     if not path.exists():
         return None
+    data = read_json(path, "results file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable ({exc})") from exc
-    return {RunKey(r["category"], int(r["shots"]), int(r["seed"])): r for r in data.get("runs", [])}
+        return {RunKey(r["category"], int(r["shots"]), int(r["seed"])): r for r in data.get("runs", [])}
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: not a clipfusion results file ({type(exc).__name__}: {exc})") from exc
 
 
 def _difference(ours: dict[str, float], theirs: dict[str, Any] | None, path: Path) -> float:
@@ -251,10 +251,10 @@ def aggregate(rows: list[dict[str, Any]], shots: int) -> dict[int, dict[str, tup
         for column in METRIC_COLUMNS:
             per_seed = []
             for seed in seeds:
-                mean, _ = _mean_std([r[column] for r in mine if r["seed"] == seed])
+                mean, _ = mean_std([r[column] for r in mine if r["seed"] == seed])
                 if not math.isnan(mean):
                     per_seed.append(mean)
-            mean, std = _mean_std(per_seed)
+            mean, std = mean_std(per_seed)
             cells[column] = (mean, std, len(per_seed))
         out[point] = cells
     return out
@@ -316,7 +316,7 @@ def sweep_markdown(
             values = [value_text(points[p - 1][k]) for k in keys]
             out = []
             for column in METRIC_COLUMNS:
-                text = _cell(*cells[column])
+                text = cell_text(*cells[column])
                 out.append(f"**{text}**" if best[column] == p and text != "–" else text)
             star = " ★" if best[best_by] == p else ""
             lines.append(
@@ -353,7 +353,7 @@ def _write_outputs(
     plots: bool,
     log: Callable[[str], None],
 ) -> list[Path]:
-    from clipfusion.outputs.files import atomic_write_text
+    from clipfusion.files import atomic_write_text
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)

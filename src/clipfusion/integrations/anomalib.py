@@ -59,8 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         f"clipfusion.integrations.anomalib needs anomalib 2.7: pip install 'clipfusion[anomalib]' ({exc})"
     ) from exc
 
-from clipfusion.branches import resolve_batch_size
-from clipfusion.config import load_config, with_overrides
+from clipfusion.config import check_batch_size, load_config, with_overrides
 from clipfusion.data import Sample, collect_images, load_image, sample_references
 from clipfusion.data.images import MIN_SIDE
 from clipfusion.detector import CLIPFusion
@@ -217,27 +216,26 @@ class ClipFusionModel(DynamicBufferMixin, nn.Module):
         return self
 
     def _mirror_state(self) -> None:
-        from clipfusion.branches.mapdiff import MapDiff
-        from clipfusion.branches.patchclip import PatchCLIP
-
-        det, empty = self.detector, torch.empty(0)
-        state: dict[str, torch.Tensor] = dict.fromkeys(self._buffer_names(), empty)
-        clip, diffusion = det.clip, det.diffusion
-        if isinstance(clip, PatchCLIP) and clip.object_name is not None:
-            state["clip_text_features"] = clip.text_features(clip.object_name)
-            if clip.memory_bank is not None:
-                state["clip_memory_bank"] = clip.memory_bank
-        if isinstance(diffusion, MapDiff) and diffusion.object_name is not None:
-            cfg = diffusion.config
-            state["diffusion_prompt_embeddings"] = torch.cat(
-                [diffusion.prompt_embeddings(diffusion.object_name, word) for word in cfg.state_words]
-            )
-            for s, word in enumerate(cfg.state_words):
-                for draw in range(cfg.n_noise):
-                    for b, block in enumerate(cfg.feature_blocks):
-                        bank = (diffusion.memory_bank or {}).get((word, draw), {}).get(block)
-                        if bank is not None:
-                            state[f"diffusion_memory_bank_{s}_{draw}_{b}"] = bank
+        """The buffers, from what each fitted branch saves (:meth:`~clipfusion.branches.Branch.state`): the
+        same tensors a fitted folder holds, under the names anomalib's checkpoints know."""
+        state: dict[str, torch.Tensor] = dict.fromkeys(self._buffer_names(), torch.empty(0))
+        cfg = self.detector.config.diffusion
+        for branch in self.detector.branches:
+            saved = branch.state()
+            if branch.name == "clip":
+                for key in ("text_features", "memory_bank"):
+                    if key in saved.tensors:
+                        state[f"clip_{key}"] = saved.tensors[key]
+            elif branch.name == "diffusion":
+                order = {entry.get("state"): i for i, entry in enumerate(saved.meta.get("prompts", []))}
+                if all(word in order for word in cfg.state_words):
+                    embeddings = [
+                        saved.tensors[f"prompt_embeddings.{order[word]}"] for word in cfg.state_words
+                    ]
+                    state["diffusion_prompt_embeddings"] = torch.cat(embeddings)
+                for entry in saved.meta.get("memory_bank", []):
+                    s, b = cfg.state_words.index(entry["state"]), cfg.feature_blocks.index(entry["block"])
+                    state[f"diffusion_memory_bank_{s}_{entry['draw']}_{b}"] = saved.tensors[entry["tensor"]]
         for name, value in state.items():
             # a copy outside inference mode: the branches' tensors are inference tensors, which a later
             # load_state_dict could not write into
@@ -328,8 +326,7 @@ class ClipFusion(AnomalibModule):
             raise ConfigError(f"shots must be an integer >= 0, got {shots!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
-        if batch_size is not None:
-            resolve_batch_size(batch_size, 1)  # refuses anything but a positive integer, now
+        check_batch_size(batch_size)  # refuses anything but a positive integer, now
         if pre_processor is True:
             pre_processor = working_size_pre_processor(working_size)
         super().__init__(

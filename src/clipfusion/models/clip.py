@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipfusion.errors import ConfigError, WeightsUnavailableError
+from clipfusion.errors import ConfigError, WeightsUnavailableError, first_line
+from clipfusion.files import looks_like_path, sha256_file
 
 RANDOM = "random"
 
@@ -146,7 +147,7 @@ def resolve_checkpoint(
         return path
     if path.is_dir():
         return _checkpoint_in_dir(path)
-    if looks_like_path(pretrained):
+    if looks_like_path(pretrained, CHECKPOINT_SUFFIXES):
         raise WeightsUnavailableError(
             f"CLIP weights {pretrained!r}: no such file or folder; {_HOW_TO_PROVIDE}"
         )
@@ -169,11 +170,10 @@ def load_checkpoint_into(clip: nn.Module, checkpoint: str | os.PathLike[str], *,
     try:
         clip.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
         raise WeightsUnavailableError(
             f"{checkpoint}: does not hold weights of the CLIP architecture {model or type(clip).__name__} "
-            f"({first_line} {detail[:300]})"
+            f"({first_line(exc, '')} {detail[:300]})"
         ) from exc
 
 
@@ -201,7 +201,7 @@ def read_state_dict(checkpoint: str | os.PathLike[str]) -> dict[str, torch.Tenso
     except OSError as exc:
         raise WeightsUnavailableError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from exc
     except Exception as exc:  # UnpicklingError, SafetensorError, truncated zip archives, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, type(exc).__name__)
         raise WeightsUnavailableError(
             f"{path}: refused or unreadable checkpoint (only safetensors, or pickles that load with "
             f"torch.load(weights_only=True), are accepted): {reason[:300]}"
@@ -220,16 +220,6 @@ def read_state_dict(checkpoint: str | os.PathLike[str]) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def looks_like_path(value: str) -> bool:
-    """Whether ``clip.checkpoint`` names a file or folder rather than an open_clip tag."""
-    return (
-        os.sep in value
-        or "/" in value
-        or value.startswith(("~", "."))
-        or value.lower().endswith(CHECKPOINT_SUFFIXES)
-    )
 
 
 def _checkpoint_in_dir(folder: Path) -> Path:
@@ -325,7 +315,7 @@ def _from_hf_hub(
         try:
             return Path(hf_hub_download(repo_id=repo_id, filename=name, cache_dir=cache_dir))
         except Exception as exc:  # missing file, network errors
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = first_line(exc, "")
             tried.append(f"download hf://{repo_id}/{name}: {type(exc).__name__} {reason[:160]}".rstrip())
     return None
 
@@ -347,8 +337,6 @@ def _from_open_clip_cache(
     url: str, cache_dir: str | os.PathLike[str] | None, tried: list[str]
 ) -> Path | None:
     """A file that open_clip downloaded from ``url`` earlier; checked against the hash in its name."""
-    from clipfusion.models.weights import sha256_file
-
     folders = [Path(cache_dir)] if cache_dir is not None else []
     folders.append(Path("~/.cache/clip").expanduser())
     filename = url.rsplit("/", 1)[-1]

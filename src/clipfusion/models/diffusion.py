@@ -33,7 +33,7 @@ import torch
 
 from clipfusion.config import DEFAULT_DIFFUSION_MODEL as DEFAULT_MODEL
 from clipfusion.config import DIFFUSION_ARCHITECTURES, MapDiffConfig
-from clipfusion.errors import ConfigError, WeightsUnavailableError
+from clipfusion.errors import ConfigError, WeightsUnavailableError, first_line
 
 #: where each architecture's JSON configs ship, under ``clipfusion/models/configs``
 _CONFIG_DIRS = {"sd2-inpainting": "sd2-inpainting", "tiny": "sd-tiny"}
@@ -315,8 +315,9 @@ def _how_to_provide(model: str) -> str:
     )
 
 
-def _first_line(exc: BaseException, limit: int = 100) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+def _failure(exc: BaseException, limit: int = 100) -> str:
+    """``Type: first line`` of a loader's exception, cut at ``limit`` characters."""
+    text = first_line(exc)
     return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
@@ -362,7 +363,7 @@ def resolve_weights_dir(
             )
             raise WeightsUnavailableError(
                 f"diffusion weights {text!r} (revision {revision}) are not available: tried {where}: "
-                f"{_first_line(exc)}; " + _how_to_provide(text)
+                f"{_failure(exc)}; " + _how_to_provide(text)
             ) from exc
         tried = f"{text} (revision {revision}) at {directory}"
     missing = _missing_files(directory)

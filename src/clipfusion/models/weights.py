@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clipfusion.config import CLIPFusionConfig
-from clipfusion.errors import ClipfusionError, InputError, WeightsUnavailableError
-from clipfusion.outputs.files import atomic_write_text
+from clipfusion.errors import ClipfusionError, InputError, WeightsUnavailableError, first_line
+from clipfusion.files import atomic_write_text, looks_like_path, read_json, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -130,14 +130,6 @@ def sources_for(
     ]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _matching(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
     patterns = list(patterns)
     return sorted(f for f in files if any(fnmatch.fnmatchcase(f, p) for p in patterns))
@@ -147,10 +139,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})") from exc
+    data = read_json(path, "weights manifest")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{path}: not a clipfusion weights manifest (format {MANIFEST_FORMAT})")
     return data
@@ -187,7 +176,7 @@ def fetch(
         except Exception as exc:  # network and hub errors come in many types
             raise WeightsUnavailableError(
                 f"{source.repo_id}@{source.revision}: cannot list the repository ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+                f"{first_line(exc)})"
             ) from exc
         missing = [p for p in source.patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if missing:
@@ -348,7 +337,7 @@ def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -
     """Every file the pretrained branches of ``config`` read, each looked up where loading would look: the
     weights folder, a local checkpoint or diffusers folder, or the Hugging Face cache (never the network).
     Random-weight branches need none."""
-    from clipfusion.models.clip import looks_like_path
+    from clipfusion.models.clip import CHECKPOINT_SUFFIXES
     from clipfusion.models.diffusion import needed_files, weights_variant
 
     if folder is not None:
@@ -359,7 +348,7 @@ def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -
         local = Path(clip.checkpoint).expanduser()
         if local.is_file():
             found.append(RequiredFile("clip", local.name, local, str(local.parent)))
-        elif local.is_dir() or looks_like_path(clip.checkpoint):
+        elif local.is_dir() or looks_like_path(clip.checkpoint, CHECKPOINT_SUFFIXES):
             hit = next((local / n for n in CLIP_PATTERNS[1:] if (local / n).is_file()), None)
             found.append(RequiredFile("clip", CLIP_PATTERNS[1], hit, str(local)))
         else:
@@ -432,9 +421,3 @@ def describe(
     hub = "offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
     lines.append(f"hub: {hub}")
     return lines, problems
-
-
-def _hf_cache() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfusion.errors import InputError
-from clipfusion.outputs.files import atomic_write_text
+from clipfusion.files import atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -73,10 +73,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable run manifest ({exc}); choose another --out") from exc
+    data = read_json(path, "run manifest", hint="choose another --out")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or "files" not in data:
         raise InputError(f"{path}: not a clipfusion run manifest; choose another --out")
     return data

@@ -22,21 +22,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipfusion.files import atomic_write_text
 from clipfusion.outputs import report
-from clipfusion.outputs.files import atomic_write_text
 from clipfusion.outputs.folders import OutputFolder
 from clipfusion.progress import progress_bar
+from clipfusion.provenance import WEIGHTS_NOTE, weights_kind
+from clipfusion.thresholds import decide, pixel_mask
 
 if TYPE_CHECKING:
-    from clipfusion.calibration import Thresholds
     from clipfusion.detector import CLIPFusion
+    from clipfusion.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_NOTE = {
-    "random": "random weights: a pipeline demonstration; scores and maps say nothing about detection quality",
-    "pretrained": "pretrained weights",
-}
 
 
 def unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -115,7 +112,7 @@ def write_predictions(
     if normalize not in report.NORMALISATIONS:
         raise ValueError(f"normalize must be one of {report.NORMALISATIONS}")
     folder = out if isinstance(out, OutputFolder) else OutputFolder(out)
-    weights = "random" if detector.config.random_weights else "pretrained"
+    weights = weights_kind(detector.config)
     names = output_names(files, with_masks=pixel_threshold is not None)
     folder.open(
         planned_files(names, thresholds=thresholds is not None) + (["skipped.csv"] if skipped else []),
@@ -138,10 +135,8 @@ def write_predictions(
             report.save_npy(result.anomaly_map, root / name.map)
             vmin = min(vmin, float(result.anomaly_map.min()))
             vmax = max(vmax, float(result.anomaly_map.max()))
-            decision = ""
-            if threshold is not None:
-                decision = "anomalous" if result.score > threshold else "normal"
-            rows.append((str(path), result.score, decision))
+            said = decide(result.score, threshold) if threshold is not None else ""
+            rows.append((str(path), result.score, said))
         bar.update(len(chunk))
     bar.close()
 
@@ -177,7 +172,7 @@ def write_predictions(
         over = report.overlay(image, heat)
         report.save_png(over, root / name.overlay, text=png_text)
         if name.mask is not None:
-            mask = report.mask_image(anomaly_map > pixel_threshold, image.size)
+            mask = report.mask_image(pixel_mask(anomaly_map, pixel_threshold), image.size)
             report.save_png(mask, root / name.mask, text=png_text)
         bar.update(1)
         if index not in in_report:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipfusion.outputs.files import atomic_write_bytes, atomic_write_text
+from clipfusion.files import atomic_write_bytes, atomic_write_text
 
 NORMALISATIONS = ("set", "image")
 #: cards in the HTML report by default: the highest scores; every score still goes into the histogram

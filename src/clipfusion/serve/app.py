@@ -38,8 +38,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
+from clipfusion.provenance import WEIGHTS_NOTE, random_weights_banner, weights_kind
 from clipfusion.serve.batching import BatcherClosed
 from clipfusion.serve.pool import FAILED, DetectorPool, Slot
+from clipfusion.thresholds import Decision, Thresholds, decide, pixel_mask, reference_names
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -127,9 +129,7 @@ class ImageResult(BaseModel):
     width: int = Field(description="the image's width in pixels, as decoded (EXIF rotation applied)")
     height: int
     score: float = Field(description="the image's anomaly score; higher is more anomalous")
-    decision: Literal["anomalous", "normal"] | None = Field(
-        None, description="score > threshold, when the detector has thresholds"
-    )
+    decision: Decision | None = Field(None, description="score > threshold, when the detector has thresholds")
     anomalous_pixels: float | None = Field(
         None, description="fraction of map pixels above the pixel threshold, when it has one"
     )
@@ -311,13 +311,10 @@ def _decode_all(uploads: list[tuple[str, bytes]]) -> list[Image.Image]:
 
 
 def _weights(slot: Slot) -> str:
-    return "random" if slot.record.config.random_weights else "pretrained"
+    return weights_kind(slot.record.config)
 
 
 def describe(slot: Slot) -> dict[str, Any]:
-    from clipfusion.cli.options import random_weights_banner
-    from clipfusion.outputs.predictions import WEIGHTS_NOTE
-
     record = slot.record
     thresholds = slot.detector.thresholds if slot.detector is not None else record.thresholds
     info: dict[str, Any] = {
@@ -374,7 +371,6 @@ def _encode_results(
 
     import numpy as np
 
-    from clipfusion.outputs.predictions import WEIGHTS_NOTE
     from clipfusion.serve.encoding import encode_map, overlay_png
 
     thresholds = slot.detector.thresholds if slot.detector is not None else None
@@ -393,8 +389,8 @@ def _encode_results(
             "map_max": float(anomaly_map.max()),
         }
         if thresholds is not None:
-            item["decision"] = "anomalous" if result.score > thresholds.image else "normal"
-            item["anomalous_pixels"] = float(np.mean(anomaly_map > thresholds.pixel))
+            item["decision"] = decide(result.score, thresholds.image)
+            item["anomalous_pixels"] = float(np.mean(pixel_mask(anomaly_map, thresholds.pixel)))
         if want_map:
             item["anomaly_map"] = encode_map(anomaly_map)
         if want_overlay:
@@ -470,7 +466,7 @@ def create_app(
 ) -> FastAPI:
     """The application for ``pool``. With ``manage_pool`` (the default) its lifespan starts loading the
     detectors and stops their workers at shutdown; two apps may share one pool when only one manages it."""
-    from clipfusion import __version__
+    from clipfusion.provenance import __version__
 
     settings = settings or ServeSettings()
     executor = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="clipfusion-io")
@@ -635,8 +631,6 @@ def create_app(
         exports); a detector fitted without calibration gets a thresholds record with no calibration
         images (``n_images`` 0). Either way it carries the configuration, object and references that
         ``predict --thresholds`` checks."""
-        from clipfusion.calibration import Thresholds, _reference_names
-
         slot = ready_slot(name)
         detector = slot.detector
         assert detector is not None
@@ -651,7 +645,7 @@ def create_app(
                 pixel=values.pixel,
                 n_images=0,
                 object_name=detector.object_name,
-                references=_reference_names(detector.references),
+                references=reference_names(detector.references),
                 config=detector.config.to_dict(),
             )
         return thresholds.to_dict()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipfusion.config import check_batch_size
 from clipfusion.errors import ClipfusionError, ConfigError
 from clipfusion.serve.batching import Gate, MicroBatcher
 
@@ -44,8 +45,7 @@ class Limits:
     max_queue: int = 32
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_batch_size(self.batch_size, "--batch-size")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"--max-wait-ms must lie in [0, 10000], got {self.max_wait_ms}")
         if self.max_queue < 1:

@@ -11,18 +11,20 @@ latents are noised at one timestep with a seeded ε that references and queries 
 * ``diff_V`` (few-shot): cosine distance of UNet block features to their nearest neighbour in a memory bank
   of the references' features, taken at the same timestep, block, prompt and noise.
 
-The steps are public (:meth:`MapDiff.preprocess`, :meth:`MapDiff.encode_latents`, :meth:`MapDiff.unet_input`,
-:meth:`MapDiff.run_unet`, :meth:`MapDiff.attention_map`, :meth:`MapDiff.feature_distance`) so that a speed
-harness can time the VAE, the UNet and the map arithmetic separately. No I/O happens here: components come
-from :mod:`clipfusion.models.diffusion` or from the caller.
+The steps are public (:meth:`MapDiff.preprocess`, :meth:`MapDiff.encode_latents`, :meth:`MapDiff.passes` over
+:meth:`MapDiff.unet_input` and :meth:`MapDiff.run_unet`, :meth:`MapDiff.maps_from_passes` and
+:meth:`MapDiff.bank_from_passes`), so that a speed harness can time the VAE, the UNet and the map arithmetic
+separately, and a grid over diffusion options can share one pass among several option sets, through the
+very loop :meth:`MapDiff.predict` and :meth:`MapDiff.fit` run. No I/O happens here: components come from
+:mod:`clipfusion.models.diffusion` or from the caller. The UNet surgery and capture (``unet.py``), the
+prompts (``prompts.py``), the lean VAE pass (``lean_vae.py``) and the conditioning tables
+(``conditioning.py``) are this wing's other rooms.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,231 +33,33 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipfusion.branches import BranchState, resolve_batch_size
-from clipfusion.branches.attention import capture_cross_attention, cross_attention_layers
-from clipfusion.branches.conditioning import KnownInputs, precompute_conditioning
-from clipfusion.branches.lean_vae import encode_moments, lean_encoder_supported, use_inplace_activations
+from clipfusion.branches.mapdiff.attention import cross_attention_layers
+from clipfusion.branches.mapdiff.conditioning import KnownInputs, precompute_conditioning
+from clipfusion.branches.mapdiff.lean_vae import (
+    encode_moments,
+    lean_encoder_supported,
+    use_inplace_activations,
+)
+from clipfusion.branches.mapdiff.prompts import PromptTokens, encode_prompt, prompt_tokens
+from clipfusion.branches.mapdiff.unet import (
+    DroppedModule,
+    UNetCapture,
+    capture_pass,
+    check_reachable,
+    drop_after_last_attention,
+    drop_unreached_modules,
+    top_level_block,
+)
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import MapDiffConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.maps import resize_maps
 
 Images = Sequence[Image.Image] | torch.Tensor
-
-
-@dataclass(frozen=True)
-class PromptTokens:
-    """A tokenized diffusion prompt and where its state word sits in it."""
-
-    text: str
-    state: str
-    input_ids: torch.Tensor  # (1, context length), int64
-    state_positions: tuple[int, ...]
-    end_position: int  # index of the end-of-text token
-
-
-@dataclass
-class UNetCapture:
-    """What one UNet pass left behind: attention probabilities and block outputs.
-
-    ``attention[name]`` is ``(B, heads, queries, tokens)`` in float32; ``features[name]`` is ``(B, C, h, w)``
-    in the model dtype; ``noise_pred`` is the UNet output, or ``None`` when the pass stopped early.
-    """
-
-    attention: dict[str, torch.Tensor] = field(default_factory=dict)
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
-    noise_pred: torch.Tensor | None = None
-
-
-class _StopUNet(Exception):
-    """Raised from a forward hook to end a UNet pass once every block a map reads has run."""
-
-
-_BLOCK_RANK = {"down_blocks": 1, "mid_block": 2, "up_blocks": 3}
-
-
-def _top_level_block(name: str) -> tuple[str, tuple[int, int]] | None:
-    """The UNet block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) a module belongs to, with its rank
-    in the order diffusers' ``UNet2DConditionModel.forward`` runs them; ``None`` for anything else."""
-    parts = name.split(".")
-    if parts[0] == "mid_block":
-        return "mid_block", (2, 0)
-    if parts[0] in _BLOCK_RANK and len(parts) > 1 and parts[1].isdigit():
-        return f"{parts[0]}.{parts[1]}", (_BLOCK_RANK[parts[0]], int(parts[1]))
-    return None
-
-
-def stop_block(module_names: Sequence[str]) -> str | None:
-    """The block after which no module in ``module_names`` runs, or ``None`` when a full pass is needed."""
-    located = [_top_level_block(n) for n in module_names]
-    if not located or any(loc is None for loc in located):
-        return None
-    return max(located, key=lambda loc: loc[1])[0]  # type: ignore[index]
-
-
-class DroppedModule(torch.nn.Module):
-    """Stands where a UNet module was removed because the early exit never reaches it (its weights freed).
-
-    Calling it is an error that says why; :class:`MapDiff` refuses a full pass on such a UNet before any
-    computation starts.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.dropped_name = name
-
-    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
-        raise ClipfusionError(
-            f"UNet module {self.dropped_name!r} was dropped (diffusion.early_exit never runs it); build the "
-            "branch with early_exit=false to run the whole UNet"
-        )
-
-
-def drop_unreached_modules(unet: torch.nn.Module, module_names: Sequence[str]) -> list[str]:
-    """Replace every top-level UNet module that runs after the last block of ``module_names`` (later
-    up-blocks, the output norm and convolution) by a :class:`DroppedModule`; returns their names.
-
-    With the early exit those modules never run, so dropping them changes no map and frees their weights
-    (``up_blocks.3`` and the output layers of SD-2: 19 M parameters). Nothing is dropped when a name is
-    outside the blocks (a full pass is needed) or when the last block is the last one anyway.
-    """
-    last = stop_block(module_names)
-    if last is None:
-        return []
-    rank = _top_level_block(last)[1]  # type: ignore[index]
-    dropped: list[str] = []
-    for group in ("down_blocks", "up_blocks"):
-        blocks = getattr(unet, group, None)
-        for i in range(len(blocks) if blocks is not None else 0):
-            name = f"{group}.{i}"
-            if _top_level_block(name)[1] > rank and not isinstance(blocks[i], DroppedModule):  # type: ignore[index]
-                blocks[i] = DroppedModule(name)
-                dropped.append(name)
-    if rank < (2, 0) and isinstance(getattr(unet, "mid_block", None), torch.nn.Module):
-        unet.mid_block = DroppedModule("mid_block")
-        dropped.append("mid_block")
-    for name in ("conv_norm_out", "conv_out"):
-        if isinstance(getattr(unet, name, None), torch.nn.Module) and not isinstance(
-            getattr(unet, name), DroppedModule
-        ):
-            setattr(unet, name, DroppedModule(name))
-            dropped.append(name)
-    return dropped
-
-
-def drop_after_last_attention(
-    unet: torch.nn.Module, attention_layers: Sequence[str], feature_blocks: Sequence[str]
-) -> list[str]:
-    """Inside the block where the early exit stops, replace what runs after its last cross-attention by
-    :class:`DroppedModule`; returns their names.
-
-    When the pass ends at a cross-attention (the defaults: the last ``attn2`` of up_blocks.2), the rest of
-    its transformer block (``norm3``, ``ff``), its transformer's ``proj_out``, any later resnet and attention
-    of the block and its up- or down-sampler never run: 9.0 M parameters for SD-2. Only for diffusers'
-    cross-attention up and down blocks, when that layer is the block's last cross-attention (so that no
-    ``attn2`` a configuration may name is removed) and no block output in it is read.
-    """
-    stop = stop_block([*attention_layers, *feature_blocks])
-    if stop is None or not attention_layers:
-        return []
-    block = dict(unet.named_modules()).get(stop)  # None for a misspelt block: check_config says so
-    if type(block).__name__ not in ("CrossAttnUpBlock2D", "CrossAttnDownBlock2D"):
-        return []
-    if any(b == stop or b.startswith(stop + ".") for b in feature_blocks):
-        return []
-    inside = [n for n in attention_layers if n.startswith(stop + ".")]
-    every = cross_attention_layers(unet, [stop])
-    parts = inside[-1].split(".") if inside else []
-    if not inside or inside[-1] != every[-1] or parts[2:6:2] != ["attentions", "transformer_blocks"]:
-        return []
-    k, j = int(parts[3]), int(parts[5])
-    transformer = block.attentions[k]
-    cut: list[tuple[torch.nn.Module, str, str]] = [
-        (transformer.transformer_blocks[j], leaf, f"{stop}.attentions.{k}.transformer_blocks.{j}.{leaf}")
-        for leaf in ("norm3", "ff")
-    ]
-    cut += [
-        (transformer.transformer_blocks, str(i), f"{stop}.attentions.{k}.transformer_blocks.{i}")
-        for i in range(j + 1, len(transformer.transformer_blocks))
-    ]
-    cut.append((transformer, "proj_out", f"{stop}.attentions.{k}.proj_out"))
-    for group in ("resnets", "attentions"):
-        modules = getattr(block, group)
-        cut += [(modules, str(i), f"{stop}.{group}.{i}") for i in range(k + 1, len(modules))]
-    for group in ("upsamplers", "downsamplers"):
-        modules = getattr(block, group, None) or []
-        cut += [(modules, str(i), f"{stop}.{group}.{i}") for i in range(len(modules))]
-    dropped = []
-    for parent, leaf, name in cut:
-        module = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf, None)
-        if isinstance(module, torch.nn.Module) and not isinstance(module, DroppedModule):
-            if leaf.isdigit():
-                parent[int(leaf)] = DroppedModule(name)
-            else:
-                setattr(parent, leaf, DroppedModule(name))
-            dropped.append(name)
-    return dropped
-
-
-def _tensor_output(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # down blocks return (hidden states, residuals)
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise ConfigError(f"a feature block returned {type(output).__name__}, not a tensor")
-
-
-def prompt_tokens(tokenizer: Any, template: str, object_name: str, state: str) -> PromptTokens:
-    """The prompt for ``object_name`` and ``state``, with the state word's token positions.
-
-    Positions are found by tokenizing the text before each ``{state}`` placeholder and the word alone
-    (CLIP's BPE works word by word, so a word that splits into several tokens occupies consecutive
-    positions), then checked against the tokenized prompt; a template where that does not hold is refused.
-    """
-    text = template.format(object=object_name, state=state)
-    length = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    if not 0 < length <= 1024:  # unset (transformers' "very large" sentinel): CLIP's context length
-        length = 77
-    ids = tokenizer(
-        text, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-    ).input_ids
-    word = tokenizer(state, add_special_tokens=False).input_ids
-    pieces = template.split("{state}")
-    positions: list[int] = []
-    prefix = ""
-    for piece in pieces[:-1]:
-        prefix += piece.format(object=object_name)
-        start = 1 + len(tokenizer(prefix, add_special_tokens=False).input_ids)
-        positions.extend(range(start, start + len(word)))
-        prefix += state
-    row = ids[0].tolist()
-    eos = tokenizer.eos_token_id
-    if eos not in row:
-        raise ConfigError(f"the diffusion prompt {text!r} is longer than the text encoder's {length} tokens")
-    end = row.index(eos)
-    if (
-        not word
-        or any(p >= end for p in positions)
-        or [row[p] for p in positions] != word * (len(pieces) - 1)
-    ):
-        raise ConfigError(
-            f"cannot locate the state word {state!r} in the tokenized prompt {text!r}; keep {{state}} a "
-            "separate word in diffusion.prompt_template"
-        )
-    return PromptTokens(text, state, ids, tuple(positions), end)
-
-
-def encode_prompt(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's output for one tokenized prompt, on the encoder's device and in its dtype.
-
-    SD-2 conditions on the last hidden state (its text tower already stops at the penultimate OpenCLIP
-    layer), with no attention mask, as the diffusers pipeline does.
-    """
-    device = next(text_encoder.parameters()).device
-    with torch.inference_mode():
-        return text_encoder(input_ids.to(device))[0]
+#: one UNet pass of a batch: its state word, its noise draw, and what it captured
+Pass = tuple[str, int, UNetCapture]
+#: a memory bank: ``bank[(state word, noise draw)][feature block]`` = ``(M, C)`` reference features
+MemoryBank = dict[tuple[str, int], dict[str, torch.Tensor]]
 
 
 class MapDiff:
@@ -295,14 +99,14 @@ class MapDiff:
         self._tokens: dict[tuple[str, str], PromptTokens] = {}
         self._noise: dict[tuple[int, ...], torch.Tensor] = {}
         self._encoder_fn: Any = None
-        #: encode through :mod:`clipfusion.branches.lean_vae` where the VAE's structure allows (the same
-        #: latents to float32 rounding, fewer 512² activations alive); False runs diffusers' own forward (the
+        #: encode through the lean pass (:mod:`.lean_vae`) where the VAE's structure allows (the same latents
+        #: to float32 rounding, fewer 512² activations alive); False runs diffusers' own forward (the
         #: benchmarks' "before")
         self.lean_vae = True
         self.object_name: str | None = None
         self.prompts: dict[str, PromptTokens] = {}
         # memory_bank[(state word, noise draw)][feature block] = (M, C) reference features
-        self.memory_bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
+        self.memory_bank: MemoryBank | None = None
         self._n_references = 0
 
     # -- construction -------------------------------------------------------------------------------------
@@ -402,7 +206,7 @@ class MapDiff:
         """Refuse options these components cannot run (block names, timestep range, sizes, widths): the
         branch's own at construction, and any other set of options its steps are asked to use (a grid)."""
         modules = dict(self.unet.named_modules())
-        blocks = sorted({loc[0] for n in modules if (loc := _top_level_block(n)) is not None})
+        blocks = sorted({loc[0] for n in modules if (loc := top_level_block(n)) is not None})
         for name in cfg.feature_blocks:
             if name not in modules or name == "":
                 raise ConfigError(
@@ -412,7 +216,9 @@ class MapDiff:
         cross_attention_layers(self.unet, cfg.attention_blocks)  # every attention block holds layers
         if self.dropped_modules:
             layers = cross_attention_layers(self.unet, cfg.attention_blocks)
-            self._check_reachable([*layers, *cfg.feature_blocks], cfg.early_exit, cfg.feature_blocks)
+            check_reachable(
+                self.dropped_modules, [*layers, *cfg.feature_blocks], cfg.early_exit, cfg.feature_blocks
+            )
         n_train = int(self.scheduler.config.num_train_timesteps)
         if not 0 <= cfg.timestep < n_train:
             raise ConfigError(f"diffusion.timestep must lie in [0, {n_train}), got {cfg.timestep}")
@@ -445,32 +251,6 @@ class MapDiff:
                 f"{self.unet.config.cross_attention_dim}"
             )
 
-    def _check_reachable(
-        self, module_names: Sequence[str], early_exit: bool, feature_blocks: Sequence[str] = ()
-    ) -> None:
-        """Refuse a pass that would need a module :func:`drop_unreached_modules` or
-        :func:`drop_after_last_attention` removed (``module_names``: every layer and block it reads)."""
-        last = stop_block(module_names) if early_exit else None
-        needed = _top_level_block(last)[1] if last is not None else None  # type: ignore[index]
-        for name in self.dropped_modules:
-            located = _top_level_block(name)
-            top_level = located is None or name == located[0]
-            if needed is None or (located is not None and located[1] < needed):
-                reached = True
-            elif located is not None and located[1] == needed:
-                # inside the stop block, only what follows its last cross-attention was dropped: a pass
-                # that reads no block output there stops before it
-                reached = top_level or any(b == last or b.startswith(f"{last}.") for b in feature_blocks)
-            else:
-                reached = False
-            if reached:
-                raise ConfigError(
-                    f"this UNet's {', '.join(self.dropped_modules)} were dropped (the early exit of the "
-                    "branch it was loaded for never runs them); "
-                    + ("a full pass (early_exit=false)" if not early_exit else f"reading {last}")
-                    + " needs them: load the components again"
-                )
-
     # -- properties -----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -484,10 +264,6 @@ class MapDiff:
     def vae_factor(self) -> int:
         """Pixels per latent position along one side."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        return self.config.image_size // self.vae_factor
 
     @property
     def shots(self) -> int:
@@ -541,8 +317,8 @@ class MapDiff:
 
         No prompt can be added after this, so with ``precompute_conditioning`` (the default) the UNet's
         timestep and cross-attention key/value layers are then replaced by their outputs for the configured
-        timestep and the cached prompts (:mod:`clipfusion.branches.conditioning`: 0.2 GB fewer weights for
-        SD-2 in float32, same maps to rounding).
+        timestep and the cached prompts (:mod:`.conditioning`: 0.2 GB fewer weights for SD-2 in float32, same
+        maps to rounding).
         """
         self.text_encoder = None
         self.tokenizer = None
@@ -559,8 +335,8 @@ class MapDiff:
         self._note_tables()
 
     def _note_tables(self) -> None:
-        """Which UNet layers are tables of their outputs (:mod:`clipfusion.branches.conditioning`) and for
-        which timesteps, read from the UNet itself (it may come precomputed from :meth:`from_config`)."""
+        """Which UNet layers are tables of their outputs (:mod:`.conditioning`) and for which timesteps, read
+        from the UNet itself (it may come precomputed from :meth:`from_config`)."""
         tables = {n: m for n, m in self.unet.named_modules() if isinstance(m, KnownInputs)}
         self.precomputed: list[str] = list(tables)
         self._precomputed_timesteps = tuple(dict.fromkeys(t for m in tables.values() for t in m.timesteps))
@@ -622,7 +398,7 @@ class MapDiff:
                 embeddings[(object_name, state_word)] = _state_tensor(state, f"prompt_embeddings.{i}").to(
                     device=self.device, dtype=self.dtype
                 )
-            bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None
+            bank: MemoryBank | None = None
             if "memory_bank" in meta:
                 bank = {}
                 for entry in meta["memory_bank"]:
@@ -764,7 +540,8 @@ class MapDiff:
         early_exit: bool | None = None,
         timestep: int | None = None,
     ) -> UNetCapture:
-        """One UNet pass at ``timestep`` (default: the configured one), capturing attention and block outputs.
+        """One UNet pass at ``timestep`` (default: the configured one), capturing attention and block outputs
+        (:func:`~clipfusion.branches.mapdiff.unet.capture_pass`).
 
         With ``early_exit`` (default: the config's) the pass ends as soon as every layer and block whose
         attention or output is read has run (for the defaults: at the last cross-attention of up_blocks.2,
@@ -776,40 +553,43 @@ class MapDiff:
         blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
         early = self.config.early_exit if early_exit is None else early_exit
         if self.dropped_modules:
-            self._check_reachable(layers + blocks, early, blocks)
-        capture = UNetCapture()
-        modules = dict(self.unet.named_modules())
-        handles = []
-        waiting = set(layers) | set(blocks)  # read modules that have not finished yet in this pass
-        features = set(blocks)
+            check_reachable(self.dropped_modules, layers + blocks, early, blocks)
+        states = prompt_embeddings.to(device=sample.device, dtype=self.dtype)
+        states = states.expand(sample.shape[0], -1, -1)
+        step = self.config.timestep if timestep is None else timestep
+        return capture_pass(self.unet, sample, step, states, layers=layers, blocks=blocks, early_exit=early)
 
-        def finished(name: str):
-            def hook(_module: Any, _inputs: Any, output: Any) -> None:
-                if name in features:
-                    capture.features[name] = _tensor_output(output)
-                waiting.discard(name)
-                if early and not waiting:  # nothing left to read: the rest of the pass is waste
-                    raise _StopUNet
+    def passes(
+        self,
+        z0: torch.Tensor,
+        *,
+        object_name: str | None = None,
+        state_words: Sequence[str] | None = None,
+        attention_layers: Sequence[str] | None = None,
+        feature_blocks: Sequence[str] | None = None,
+        timestep: int | None = None,
+    ) -> Iterator[Pass]:
+        """Every (state word, noise draw) UNet pass over one batch of latents ``z0`` (noise draws outer,
+        state words inner), each run when it is asked for: the one loop that :meth:`predict`, :meth:`fit`,
+        the speed stages and a grid over diffusion options all run.
 
-            return hook
-
-        try:
-            for name in dict.fromkeys(layers + blocks):
-                if name not in modules:
-                    raise ConfigError(f"{name!r} is not a module of this UNet")
-                handles.append(modules[name].register_forward_hook(finished(name)))
-            states = prompt_embeddings.to(device=sample.device, dtype=self.dtype)
-            states = states.expand(sample.shape[0], -1, -1)
-            step = self.config.timestep if timestep is None else timestep
-            t = torch.full((sample.shape[0],), step, dtype=torch.long, device=sample.device)
-            with torch.inference_mode(), capture_cross_attention(self.unet, layers) as attention:
-                with contextlib.suppress(_StopUNet):
-                    capture.noise_pred = self.unet(sample, t, encoder_hidden_states=states).sample
-                capture.attention = dict(attention)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return capture
+        Defaults: the fitted object, the configured state words, layers, blocks and timestep;
+        ``attention_layers=[]`` captures no attention (a memory bank's passes).
+        """
+        name = self.object_name if object_name is None else object_name
+        words = self.config.state_words if state_words is None else state_words
+        for draw in range(self.config.n_noise):
+            sample = self.unet_input(z0, draw, timestep=timestep)
+            for state in words:
+                embeddings = self.prompt_embeddings(name, state)  # type: ignore[arg-type]
+                capture = self.run_unet(
+                    sample,
+                    embeddings,
+                    attention_layers=attention_layers,
+                    feature_blocks=feature_blocks,
+                    timestep=timestep,
+                )
+                yield state, draw, capture
 
     # -- maps ---------------------------------------------------------------------------------------------
     def attention_map(
@@ -869,15 +649,18 @@ class MapDiff:
             entries[name] = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         return entries
 
-    def _passes(self, pixels: torch.Tensor, *, attention: bool) -> Iterator[tuple[str, int, UNetCapture]]:
-        """Every (state word, noise draw) pass over one batch; the VAE runs once for all of them."""
-        z0 = self.encode_latents(pixels)
-        for draw in range(self.config.n_noise):
-            sample = self.unet_input(z0, draw)
-            for state in self.config.state_words:
-                embeddings = self.prompt_embeddings(self.object_name, state)  # type: ignore[arg-type]
-                layers = self.attention_layers if attention else []
-                yield state, draw, self.run_unet(sample, embeddings, attention_layers=layers)
+    def bank_from_passes(self, passes: Iterable[Pass], blocks: Sequence[str] | None = None) -> MemoryBank:
+        """The memory bank of the references whose passes are given (batch after batch, in order): every
+        pass's block features (``blocks``, default the configured ones) as rows, concatenated per state word,
+        noise draw and block. :meth:`fit` and a grid over diffusion options both build banks here."""
+        parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
+        for state, draw, capture in passes:
+            slot = parts.setdefault((state, draw), {})
+            for name, entries in self.bank_entries(capture, blocks).items():
+                slot.setdefault(name, []).append(entries)
+        return {
+            key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
+        }
 
     # -- fit / predict ------------------------------------------------------------------------------------
     def fit(self, object_name: str, references: Images | None = None) -> MapDiff:
@@ -896,31 +679,26 @@ class MapDiff:
         if references is None or len(references) == 0:
             return self
         try:
-            self._build_bank(self.preprocess(references))
+            pixels = self.preprocess(references)
+            step = self.config.batch_size
+            self.memory_bank = self.bank_from_passes(
+                captured
+                for start in range(0, pixels.shape[0], step)
+                for captured in self.passes(
+                    self.encode_latents(pixels[start : start + step]), attention_layers=[]
+                )
+            )
+            self._n_references = int(pixels.shape[0])
         except BaseException:
             self.object_name, self.memory_bank = None, None
             raise
         return self
 
-    def _build_bank(self, pixels: torch.Tensor) -> None:
-        parts: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = {}
-        for start in range(0, pixels.shape[0], self.config.batch_size):
-            for state, draw, capture in self._passes(
-                pixels[start : start + self.config.batch_size], attention=False
-            ):
-                slot = parts.setdefault((state, draw), {})
-                for name, entries in self.bank_entries(capture).items():
-                    slot.setdefault(name, []).append(entries)
-        self.memory_bank = {
-            key: {name: torch.cat(chunks) for name, chunks in slot.items()} for key, slot in parts.items()
-        }
-        self._n_references = int(pixels.shape[0])
-
     def maps_from_passes(
         self,
-        passes: Iterable[tuple[str, int, UNetCapture]],
+        passes: Iterable[Pass],
         prompts: dict[str, PromptTokens] | None,
-        memory_bank: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
+        memory_bank: MemoryBank | None = None,
         *,
         layers: Sequence[str] | None = None,
         blocks: Sequence[str] | None = None,
@@ -965,7 +743,7 @@ class MapDiff:
         pixels = self.preprocess(images)
         outputs: dict[str, list[torch.Tensor]] = {"diff_L": [], "diff_V": []}
         for start in range(0, pixels.shape[0], batch):
-            passes = self._passes(pixels[start : start + batch], attention=True)
+            passes = self.passes(self.encode_latents(pixels[start : start + batch]))
             language, visual = self.maps_from_passes(passes, self.prompts, self.memory_bank)
             assert language is not None
             outputs["diff_L"].append(language if native else resize_maps(language, self.config.output_size))
@@ -981,15 +759,4 @@ def _state_tensor(state: BranchState, key: str) -> torch.Tensor:
     return tensor
 
 
-__all__ = [
-    "DroppedModule",
-    "MapDiff",
-    "PromptTokens",
-    "UNetCapture",
-    "drop_after_last_attention",
-    "drop_unreached_modules",
-    "encode_prompt",
-    "prompt_tokens",
-    "stop_block",
-    "use_inplace_activations",
-]
+__all__ = ["MapDiff", "MemoryBank", "Pass"]

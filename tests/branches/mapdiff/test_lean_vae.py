@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipfusion.branches.lean_vae import encode_moments, lean_encoder_supported, use_inplace_activations
+from clipfusion.branches.mapdiff.lean_vae import (
+    encode_moments,
+    lean_encoder_supported,
+    use_inplace_activations,
+)
 from clipfusion.runtime import reset_peak_memory
 
-CONFIGS = Path(__file__).resolve().parents[2] / "src/clipfusion/models/configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "src/clipfusion/models/configs"
 
 
 def vae(config: dict | str, *, channels_last: bool = True, inplace: bool = True):
@@ -134,7 +138,7 @@ _PEAKS_SCRIPT = """
 import json, sys
 import torch
 from diffusers import AutoencoderKL
-from clipfusion.branches.lean_vae import encode_moments, use_inplace_activations
+from clipfusion.branches.mapdiff.lean_vae import encode_moments, use_inplace_activations
 from clipfusion.runtime import map_large_blocks, process_memory, reset_peak_memory, return_freed_memory
 
 map_large_blocks()  # as CLIPFusion does before loading its models

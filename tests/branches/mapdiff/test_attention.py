@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfusion.branches.attention import (
+from clipfusion.branches.mapdiff import MapDiff
+from clipfusion.branches.mapdiff.attention import (
     AttentionProbabilityProcessor,
     capture_cross_attention,
     cross_attention_layers,
 )
-from clipfusion.branches.mapdiff import MapDiff
 from clipfusion.errors import ConfigError
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipfusion.branches import conditioning
-from clipfusion.branches.conditioning import KnownInputs, conditioning_layers
-from clipfusion.branches.mapdiff import MapDiff
+from clipfusion.branches.mapdiff import MapDiff, conditioning
+from clipfusion.branches.mapdiff.conditioning import KnownInputs, conditioning_layers
 from clipfusion.errors import ClipfusionError, ConfigError
 
-from .test_mapdiff import images
+from .test_branch import images
 
 OBJECTS = ["metal nut", "bottle"]
 

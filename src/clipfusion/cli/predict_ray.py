@@ -1,4 +1,5 @@
-"""``clipfusion predict --engine ray``: the command-line side of :func:`clipfusion.distributed.predict`.
+"""``clipfusion predict --engine ray``: the command-line side of :func:`clipfusion.distributed.predict` (the
+driver, the workers and Ray itself live in :mod:`clipfusion.distributed`, which knows no command line).
 
 The distributed path scores with a saved fit only (``--fitted``): fitting or calibrating belongs on one
 machine, once (``clipfusion fit --calibrate``), and every worker must use the very same fit.
@@ -9,7 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from clipfusion.cli.options import EXIT_ERROR, EXIT_OK, EXIT_USAGE, err, say, show_progress, warn, weights_dir
+from clipfusion.cli.options import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    err,
+    read_fitted,
+    say,
+    show_progress,
+    warn,
+    weights_dir,
+)
 from clipfusion.errors import ConfigError
 
 #: lines of unreadable or failed inputs printed before "… and N more (see skipped.csv)"
@@ -17,10 +28,9 @@ SHOWN = 10
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipfusion.calibration import Thresholds
-    from clipfusion.cli.fit import read_fitted
     from clipfusion.distributed import predict
     from clipfusion.outputs.folders import check_input_file
+    from clipfusion.thresholds import Thresholds
 
     if not args.fitted:
         raise ConfigError(
