@@ -108,3 +108,13 @@ def test_where_says_for_each_required_file_whether_it_is_there(tmp_path, hub, ca
     # nothing at all where the default preset looks (the hub cache of this machine is empty)
     assert main(["weights", "where", "-q"]) == 2
     assert "clip: open_clip_model.safetensors is missing" in capsys.readouterr().err
+
+
+def test_verify_answers_a_manifest_that_is_not_utf8_with_one_line(tmp_path, capsys):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "manifest.json").write_bytes(b'{"format": 1, "note": "\xe9t\xe9"}')
+    assert main(["weights", "verify", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{folder / 'manifest.json'}: not valid JSON (not UTF-8 text" in err

@@ -147,3 +147,14 @@ def test_resume_with_save_maps_redoes_runs_without_maps(synthetic_root, tmp_path
     # a fresh (not resumed) evaluation removes maps of an earlier one
     evaluate("folder", synthetic_root, tmp_path, config=config, detector_factory=_factory(), **kwargs)
     assert not list((tmp_path / "maps").glob("*.npz"))
+
+
+def test_a_results_file_that_is_not_utf8_is_one_line(stored, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stored, run)
+    (run / "results.json").write_bytes(b'{"runs": "\xff"}')
+    with pytest.raises(InputError, match=r"results.json: not valid JSON \(not UTF-8 text") as info:
+        sweep(run, {"sigma": [1.0]}, plots=False, log=lambda _m: None)
+    assert "\n" not in str(info.value)
