@@ -13,8 +13,10 @@ __all__ = [
     "CLIPFusion",
     "CLIPFusionConfig",
     "ClipfusionError",
+    "DetectorSet",
     "MapDiffConfig",
     "PatchCLIPConfig",
+    "SharedModels",
     "Thresholds",
     "__version__",
     "calibrate",
@@ -28,4 +30,12 @@ def __getattr__(name: str):
         from clipfusion import detector
 
         return getattr(detector, name)
+    if name == "SharedModels":
+        from clipfusion.shared import SharedModels
+
+        return SharedModels
+    if name == "DetectorSet":
+        from clipfusion.detector_set import DetectorSet
+
+        return DetectorSet
     raise AttributeError(f"module 'clipfusion' has no attribute {name!r}")

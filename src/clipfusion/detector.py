@@ -38,6 +38,7 @@ from clipfusion.runtime import (
     resolve_placement,
     return_freed_memory,
 )
+from clipfusion.shared import SharedModels, load_branches, models_difference
 from clipfusion.thresholds import Thresholds, pixel_mask
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class CLIPFusion:
     the paper models in float32 the peak of a run drops by ≈ 1.7 GB, to about the peak of inference alone).
     The detector is then as after :meth:`prepare` and :meth:`release_text_encoders`: it can be fitted for
     those names only.
+
+    ``models`` (:class:`~clipfusion.shared.SharedModels`): the branches are views of networks shared with
+    other fitted objects (one copy of the models for a whole production line); nothing is loaded here.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class CLIPFusion:
         local_files_only: bool | None = None,
         text_encoders: bool = True,
         objects: Iterable[str] | None = None,
+        models: SharedModels | None = None,
     ) -> None:
         from clipfusion.data import object_name as to_object_name
 
@@ -138,38 +143,29 @@ class CLIPFusion:
         for given, name in ((clip, "clip"), (diffusion, "diffusion")):
             if given is not None and not isinstance(given, Branch):
                 raise ConfigError(f"the {name} branch given does not implement clipfusion.branches.Branch")
-        if (clip is None and self.config.use_clip) or (diffusion is None and self.config.use_diffusion):
-            from clipfusion.models.weights import apply_weights_dir
-
+        if models is not None:
+            if clip is not None or diffusion is not None or weights_dir is not None:
+                raise ConfigError("give either models or branches (or a weights folder), not both")
+            clip, diffusion = models.branches(self.config)
+        elif (clip is None and self.config.use_clip) or (diffusion is None and self.config.use_diffusion):
             # before any weights exist: they, and the text encoders freed later, must not leave the heap
             # full of holes that the activations then fill and keep resident (runtime.map_large_blocks)
             map_large_blocks()
-
-            # the weights folder replaces hub ids by local paths for loading only; self.config keeps the
-            # portable names that results record
-            clip_config, diffusion_config = apply_weights_dir(self.config, self.weights_dir).branch_configs()
-            if clip is None and self.config.use_clip:
-                from clipfusion.branches.patchclip import PatchCLIP
-
-                start = time.perf_counter()
-                clip = PatchCLIP.from_config(
-                    clip_config, local_files_only=local_files_only, text_encoder=text_encoders, objects=names
-                )
-                log.debug("CLIP branch %s loaded in %.1f s", clip_config.model, time.perf_counter() - start)
-            if diffusion is None and self.config.use_diffusion:
-                from clipfusion.branches.mapdiff import MapDiff
-
-                start = time.perf_counter()
-                diffusion = MapDiff.from_config(
-                    diffusion_config,
-                    local_files_only=local_files_only,
-                    text_encoder=text_encoders,
-                    objects=names,
-                )
-                took = time.perf_counter() - start
-                log.debug("diffusion branch %s loaded in %.1f s", diffusion_config.architecture, took)
+            clip, diffusion = load_branches(
+                self.config,
+                weights_dir=self.weights_dir,
+                local_files_only=local_files_only,
+                text_encoders=text_encoders,
+                objects=names,
+                clip=clip,
+                diffusion=diffusion,
+            )
             # the float32 copies left by a reduced-precision cast go back to the system, not just the heap
             return_freed_memory()
+        #: the models this detector's branches are views of, when they are shared with other fitted objects
+        self.models = models
+        if models is not None:
+            self.weights_dir = models.weights_dir
         self.clip: Branch | None = clip if self.config.use_clip else None
         self.diffusion: Branch | None = diffusion if self.config.use_diffusion else None
         self.branches: list[Branch] = [b for b in (self.clip, self.diffusion) if b is not None]
@@ -256,14 +252,23 @@ class CLIPFusion:
         device: str | None = None,
         clip: Branch | None = None,
         diffusion: Branch | None = None,
+        models: SharedModels | None = None,
     ) -> CLIPFusion:
         """A saved fit, ready to :meth:`predict` exactly as the saved detector did, with its
         :attr:`thresholds`. The model weights come from ``weights_dir`` or the cache, as for the
         constructor, and must be the ones the fit used (else a :class:`~clipfusion.errors.ConfigError`
-        naming what differs); the text encoders are not loaded. ``device`` overrides where it runs."""
+        naming what differs); the text encoders are not loaded. ``device`` overrides where it runs.
+
+        ``models``: load the fit onto shared models instead (no network is loaded; their weights must be
+        the fit's, checked the same way), e.g. several fitted folders onto one set of models."""
         record = fitted.read(directory)
         config = record.config if device is None else record.config.replace(device=device)
         folder = Path(weights_dir).expanduser() if weights_dir is not None else None
+        if models is not None:
+            folder = models.weights_dir if folder is None else folder
+            difference = models_difference(models.config, config)
+            if difference is not None:
+                raise ConfigError(f"{record.path}: needs other models than the shared ones ({difference})")
         for name, used in (("clip", config.use_clip), ("diffusion", config.use_diffusion)):
             if used:
                 record.check_weights_folder(name, folder)
@@ -271,10 +276,12 @@ class CLIPFusion:
             config,
             clip=clip,
             diffusion=diffusion,
-            weights_dir=folder,
+            weights_dir=folder if models is None else None,
             local_files_only=local_files_only,
             text_encoders=False,
+            models=models,
         )
+        detector.weights_dir = folder
         for branch in detector.branches:
             record.check_fingerprint(branch.name, branch.weights_fingerprint(), detector.config, folder)
             state = record.branch_state(branch.name)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,10 @@ THRESHOLDS_FILE = "thresholds.json"
 SUFFIXES = (".json", ".safetensors")
 #: the branches a fitted folder may hold a state of
 BRANCHES = ("clip", "diffusion")
+
+
+#: names of fitted objects (served under them, routed to by them): characters that need no escaping in a URL
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def branch_file(name: str) -> str:
@@ -331,6 +336,31 @@ def read(directory: str | Path) -> FittedRecord:
     return FittedRecord(path, config, record, thresholds)
 
 
+def parse_fitted(specs: Iterable[str | Path]) -> dict[str, Path]:
+    """``DIR`` or ``NAME=DIR`` → {name: folder}: the fitted objects of a server or a prediction run, by the
+    name requests and input lists use; a plain ``DIR`` is named after its last component."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        text = str(spec)
+        name, sep, rest = text.partition("=")
+        if sep and rest and "/" not in name and "\\" not in name:
+            path = Path(rest)  # NAME=DIR (a folder whose path has "=" in it has a "/" before it)
+        else:
+            path = Path(text)
+            name = path.resolve().name
+        if not NAME_PATTERN.match(name):
+            raise ConfigError(
+                f"--fitted {text}: {name!r} is not a usable detector name (letters, digits, '.', '_', '-'); "
+                "name it with NAME=DIR"
+            )
+        if name in named:
+            raise ConfigError(f"--fitted: two detectors named {name!r}; name them with NAME=DIR")
+        named[name] = path
+    if not named:
+        raise ConfigError("--fitted: give at least one fitted detector folder")
+    return named
+
+
 # -------------------------------------------------------------------------------------------------------
 # the detector's own methods, under the names this module had before the detector assembled itself
 
@@ -353,10 +383,12 @@ def load(cls: Any, directory: str | Path, **options: Any) -> Any:
 __all__ = [
     "DETECTOR_FILE",
     "FORMAT",
+    "NAME_PATTERN",
     "FittedBranch",
     "FittedRecord",
     "branch_file",
     "load",
+    "parse_fitted",
     "read",
     "save",
     "weights_source",

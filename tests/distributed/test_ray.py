@@ -339,3 +339,41 @@ def test_without_skip_bad_the_rest_is_scored_and_the_exit_status_names_the_bad_f
     assert "Traceback" not in err
     assert [r["path"] for r in _rows(tmp_path / "out")] == list(map(str, good))
     assert [r["path"] for r in _rows(tmp_path / "out", "skipped.csv")] == [str(data["bad"])]
+
+
+def test_several_objects_on_workers_holding_one_copy_of_the_models(data, cluster, tmp_path):
+    """``predict --fitted A B --engine ray``: every row scored by its own object, each object's folder the
+    single-object Ray run of its inputs, byte for byte (the same batches, the same maps)."""
+    second = tmp_path / "second"
+    shutil.copytree(data["fitted"], second)  # another object's fit (the same state, under another name)
+    mixed = tmp_path / "mixed"
+    images = sorted((data["root"] / "bottle_cap" / "test").rglob("*.png"))
+    for name, part in (("bottle_cap", images[:5]), ("second", images[5:8])):
+        (mixed / name).mkdir(parents=True)
+        for i, path in enumerate(part):
+            shutil.copy(path, mixed / name / f"{i:03d}.png")
+    out = tmp_path / "line"
+    summary = distributed.predict_line(
+        {"bottle_cap": data["fitted"], "second": second},
+        [mixed],
+        out,
+        workers=2,
+        batch_size=2,
+        progress=False,
+    )
+    assert summary.scored == 8 and not summary.skipped and not summary.failed
+    rows = _rows(out)
+    assert [r["object"] for r in rows] == ["bottle_cap"] * 5 + ["second"] * 3
+    assert all((out / r["map"]).is_file() and (out / r["overlay"]).is_file() for r in rows)
+    alone = tmp_path / "alone"
+    distributed.predict(data["fitted"], [mixed / "bottle_cap"], alone, batch_size=2, progress=False)
+    mine = {k: v for k, v in _outputs(out / "bottle_cap").items() if k != "report.html"}
+    theirs = {k: v for k, v in _outputs(alone).items() if k != "report.html"}
+    assert mine == theirs
+    assert json.loads((out / "manifest.json").read_text())["objects"] == ["bottle_cap", "second"]
+    # a list naming an unknown object stops before Ray is asked for anything, in one line per row
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path,object\n{images[0]},bottle_cap\n{images[1]},cable\n")
+    with pytest.raises(Exception, match="names the object 'cable', which no fitted folder is"):
+        distributed.predict_line({"bottle_cap": data["fitted"], "second": second}, [listing], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -32,6 +32,16 @@ class BranchState:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TextSide:
+    """A branch's text encoder and tokenizer, held once for the branch and every view of it that another
+    fitted object uses (``share``), so that freeing them frees them for all. (PatchCLIP's text tower lives
+    inside its CLIP model, which its views share anyway; only its tokenizer is held here.)"""
+
+    encoder: Any = None
+    tokenizer: Any = None
+
+
 @runtime_checkable
 class Branch(Protocol):
     """What the detector asks of a branch, and all it asks (an injected or fake branch implements this).
@@ -100,4 +110,4 @@ def resolve_batch_size(batch_size: int | None, default: int) -> int:
     return check_batch_size(batch_size) or default
 
 
-__all__ = ["Branch", "BranchState", "resolve_batch_size"]
+__all__ = ["Branch", "BranchState", "TextSide", "resolve_batch_size"]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clipfusion.branches import BranchState, resolve_batch_size
+from clipfusion.branches import BranchState, TextSide, resolve_batch_size
 from clipfusion.branches.memory import nearest_neighbour_distance
 from clipfusion.config import PatchCLIPConfig, load_preset, with_overrides
 from clipfusion.errors import ClipfusionError, ConfigError, InputError
@@ -84,7 +84,9 @@ class PatchCLIP:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.tokenizer = tokenizer
+        self._text = TextSide(tokenizer=tokenizer)  # shared by every view of this branch (:meth:`share`)
+        #: whether :meth:`release_text_encoder` frees the text side (a view leaves that to its models)
+        self.owns_text_encoder = True
         self._visual = _checked_visual(model)
         self.grid_size: tuple[int, int] = tuple(self._visual.grid_size)  # type: ignore[assignment]
         model_size = tuple(self._visual.image_size)
@@ -153,6 +155,26 @@ class PatchCLIP:
         :class:`PatchCLIPConfig` fields by name."""
         config = with_overrides(load_preset(name).branch_configs()[0], options)
         return cls.from_config(config, cache_dir=cache_dir)
+
+    def share(self, config: PatchCLIPConfig) -> PatchCLIP:
+        """A branch for another fitted object with ``config``, on this very model: its own text features,
+        memory bank and options, no copy and no load (the configuration must name the same model on the same
+        device in the same dtype, as :class:`clipfusion.shared.SharedModels` checks). Text features already
+        computed here are handed on when they were computed the same way."""
+        view = type(self)(self.model, None, config)
+        view._text = self._text
+        view.owns_text_encoder = False
+        if view.config.normalize_prompt_embeddings == self.config.normalize_prompt_embeddings:
+            view._text_cache.update(self._text_cache)
+        return view
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._text.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._text.tokenizer = value
 
     @property
     def default_batch_size(self) -> int:
@@ -263,8 +285,11 @@ class PatchCLIP:
         """Free the text tower once every object's text features are cached (a third of ViT-B-16+'s weights).
 
         Only the image tower is needed to score images; asking for an object whose features were not cached
-        afterwards is a clear error rather than a silent reload.
+        afterwards is a clear error rather than a silent reload. A view (:meth:`share`) leaves the text side
+        to its models.
         """
+        if not self.owns_text_encoder:
+            return
         self.tokenizer = None  # open_clip's BPE tables: ~40 MB of Python objects
         for name in ("transformer", "token_embedding", "ln_final"):
             if hasattr(self.model, name):

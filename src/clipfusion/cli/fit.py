@@ -7,6 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
+from clipfusion.cli import fit_many
 from clipfusion.cli.options import (
     EXIT_OK,
     EXIT_USAGE,
@@ -24,9 +25,11 @@ from clipfusion.provenance import random_weights_banner
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "fit", help="fit a detector for one product (object name, references) and save it to a folder"
+        "fit",
+        help="fit a detector for one product (object name, references) and save it to a folder; or several "
+        "products on one load of the models (--refs-root, --dataset)",
     )
-    p.add_argument("--object", required=True, help='what the product is, e.g. "metal nut"')
+    p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
     p.add_argument("--out", type=Path, required=True, help="the fitted detector's folder (new or empty)")
     p.add_argument(
@@ -36,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quantile", type=float, help="calibration quantile (default 0.99)")
     p.add_argument("--skip-bad", action="store_true", help="continue past unreadable images, listing them")
+    fit_many.add_options(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -48,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.outputs.folders import check_creatable, check_input_folder
     from clipfusion.thresholds import DEFAULT_QUANTILE
 
+    if fit_many.asked(args):
+        return fit_many.run(args)
+    if not args.object:
+        raise ConfigError(
+            "give --object NAME (and --refs for few-shot), or --refs-root DIR or --dataset for several"
+        )
     if args.quantile is not None and not 0.0 < args.quantile <= 1.0:
         raise ConfigError(f"--quantile must lie in (0, 1], got {args.quantile}")
     if args.quantile is not None and not args.calibrate:

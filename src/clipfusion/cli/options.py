@@ -199,11 +199,13 @@ def weights_origin(args: argparse.Namespace) -> str:
     return "--weights-dir" if getattr(args, "weights_dir", None) is not None else WEIGHTS_ENV
 
 
-def read_fitted(args: argparse.Namespace) -> FittedRecord:
-    """``predict --fitted DIR``, checked before any model is loaded; the options it replaces are refused
-    (``--device`` stays: where a fit runs does not change it)."""
-    from clipfusion.fitted import read
+def read_fitted(args: argparse.Namespace) -> dict[str, FittedRecord]:
+    """``--fitted DIR [DIR …]`` (several as ``DIR`` or ``NAME=DIR``, named as a server names them), each
+    folder checked before any model is loaded; the options a fit replaces are refused (``--device`` stays:
+    where a fit runs does not change it). One folder keeps its path as given, whatever its name."""
+    from clipfusion.fitted import parse_fitted, read
 
+    specs = [str(spec) for spec in args.fitted]
     given = [
         o
         for o, v in (
@@ -218,10 +220,14 @@ def read_fitted(args: argparse.Namespace) -> FittedRecord:
     ]
     if given:
         raise ConfigError(
-            f"--fitted takes the object, references and configuration from {args.fitted}; "
+            f"--fitted takes the object, references and configuration from {' '.join(specs)}; "
             f"drop {', '.join(given)}"
         )
-    return read(args.fitted)
+    name, sep, rest = specs[0].partition("=")
+    if len(specs) == 1 and not (sep and rest and "/" not in name and not Path(specs[0]).exists()):
+        path = Path(specs[0])
+        return {path.name or str(path): read(path)}
+    return {name: read(path) for name, path in parse_fitted(specs).items()}
 
 
 #: the three ways out when the pretrained weights are not on the machine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipfusion.cli.options import (
     EXIT_OK,
@@ -20,6 +21,9 @@ from clipfusion.cli.options import (
 )
 from clipfusion.errors import ConfigError
 from clipfusion.outputs.report import REPORT_TOP
+
+if TYPE_CHECKING:
+    from clipfusion.fitted import FittedRecord
 from clipfusion.provenance import random_weights_banner
 
 
@@ -27,12 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score your images; write scores, heat maps and an HTML report")
     p.add_argument(
         "images",
-        nargs="+",
+        nargs="*",
         type=Path,
         help="image files or folders (with --engine ray also .txt, .csv or .parquet lists of paths)",
     )
     p.add_argument(
-        "--fitted", type=Path, help="a detector saved by `clipfusion fit` (instead of --object/--refs)"
+        "--fitted",
+        nargs="+",
+        action="extend",
+        metavar="DIR",
+        help="a detector saved by `clipfusion fit` (instead of --object/--refs); several (DIR or NAME=DIR) "
+        "score a mixed batch on one copy of the models, each input routed to its object by a .csv/.parquet "
+        "list with path and object columns or by a folder of sub-folders named after the objects (the "
+        "folders after --fitted are fitted folders up to the first that is not: the inputs)",
     )
     p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
@@ -95,6 +106,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "resume")
 
 
+def split_fitted(args: argparse.Namespace) -> None:
+    """``--fitted A B C INPUTS``: argparse gives every path after ``--fitted`` to it; the first is a fitted
+    folder (read, so a wrong one says why), then each that is one too (``NAME=DIR``, or a folder with a
+    ``detector.json``), and the first that is not starts the inputs."""
+    from clipfusion.fitted import DETECTOR_FILE
+
+    if not args.fitted:
+        return
+    given = [str(item) for item in args.fitted]
+    keep = 1
+    while keep < len(given):
+        item = given[keep]
+        name, sep, rest = item.partition("=")
+        if not ((sep and rest and "/" not in name) or (Path(item) / DETECTOR_FILE).is_file()):
+            break
+        keep += 1
+    args.fitted = given[:keep]
+    args.images = [*args.images, *(Path(item) for item in given[keep:])]
+
+
 def run(args: argparse.Namespace) -> int:
     from clipfusion.calibration import calibrate
     from clipfusion.data.checks import check_images, collect_images
@@ -104,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     from clipfusion.outputs.predictions import write_predictions
     from clipfusion.thresholds import DEFAULT_QUANTILE, Thresholds, check_thresholds_for
 
+    split_fitted(args)
+    if not args.images:
+        raise ConfigError("give the images to score (files, folders or lists)")
     if args.engine == "ray":
         from clipfusion.cli.predict_ray import run as run_on_ray
 
@@ -123,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--normalize must be one of {', '.join(report.NORMALISATIONS)}")
     if args.calibrate is not None and args.thresholds is not None:
         raise ConfigError("give either --calibrate or --thresholds, not both")
-    fitted = read_fitted(args) if args.fitted else None
+    records = read_fitted(args) if args.fitted else {}
+    if len(records) > 1:
+        return _run_many(args, records)
+    fitted = next(iter(records.values()), None)
     config = fitted.config if fitted else build_config(args)
     out = OutputFolder(args.out, overwrite=args.overwrite)
     out.check()
@@ -231,3 +268,82 @@ def _unreadable(given: list[Path], good: list[Path], problems: list[str]) -> lis
         else:
             bad.append(str(path))
     return list(zip(bad, problems, strict=True))
+
+
+def _run_many(args: argparse.Namespace, records: dict[str, FittedRecord]) -> int:
+    """``--fitted A B C``: the inputs routed to their objects, every object on one copy of the models, one
+    sub-folder of outputs per object (as its own ``predict --fitted`` writes it) and the run's files across
+    them (:func:`clipfusion.outputs.predictions.write_line_predictions`)."""
+    from clipfusion.data.checks import check_images
+    from clipfusion.data.routing import route_inputs
+    from clipfusion.detector_set import DetectorSet
+    from clipfusion.outputs.folders import OutputFolder
+    from clipfusion.outputs.predictions import write_line_predictions
+
+    per_fit = [
+        o
+        for o in ("calibrate", "thresholds", "threshold", "pixel_threshold", "quantile")
+        if getattr(args, o) is not None
+    ]
+    if per_fit:
+        options = ", ".join(f"--{o.replace('_', '-')}" for o in per_fit)
+        raise ConfigError(
+            f"{options}: with several fitted objects each keeps the thresholds of its own fit "
+            "(`clipfusion fit --calibrate`); drop them, or score the objects one by one"
+        )
+    out = OutputFolder(args.out, overwrite=args.overwrite)
+    out.check()
+    names = list(records)
+    routed, problems = route_inputs(args.images, names)
+    progress = show_progress(args)
+    good, bad = check_images([path for path, _ in routed], progress, desc="checking images")
+    if problems or (bad and not args.skip_bad):
+        for line in problems + bad:
+            err(line)
+        if bad and not problems:
+            err("use --skip-bad to continue without the unreadable images")
+        return EXIT_USAGE
+    kept = set(good)
+    left_out = [(path, name) for path, name in routed if path not in kept]
+    # check_images lists the problems in input order, as left_out is
+    skipped = [(str(path), name, problem) for (path, name), problem in zip(left_out, bad, strict=True)]
+    routed = [(path, name) for path, name in routed if path in kept]
+    if not routed:
+        err("no readable input image")
+        return EXIT_USAGE
+    for line in bad:
+        warn(f"skipped: {line}")
+    banners = {name: random_weights_banner(record.config) for name, record in records.items()}
+    for line in dict.fromkeys(b for b in banners.values() if b):
+        warn(line)
+    used = [name for name in names if any(of == name for _, of in routed)]
+    say(f"loading {len(used)} fitted objects ({', '.join(used)}) on shared models")
+    folders = {name: records[name].path for name in used}
+    detectors = DetectorSet.load(folders, weights_dir=weights_dir(args), device=args.device, log=say)
+    details = {}
+    for name in used:
+        detector = detectors[name]
+        shots = len(detector.references)
+        details[name] = {
+            "object": str(detector.object_name),
+            "references": f"{shots} ({'zero-shot' if not shots else 'few-shot'})",
+            "preset": detector.config.preset,
+            "fitted detector": str(records[name].path),
+        }
+        unreadable = [problem for _, of, problem in skipped if of == name]
+        if unreadable:
+            details[name]["skipped (unreadable)"] = "; ".join(unreadable)
+    rows = write_line_predictions(
+        detectors,
+        routed,
+        out,
+        details=details,
+        banners=banners,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        progress=progress,
+        report_top=args.report_top,
+        skipped=skipped,
+    )
+    say(f"wrote {len(rows)} images' scores of {len(used)} objects, one folder each, to {out.path}")
+    return EXIT_OK

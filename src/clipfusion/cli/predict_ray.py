@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 from clipfusion.cli.options import (
     EXIT_ERROR,
@@ -22,6 +23,7 @@ from clipfusion.cli.options import (
     weights_dir,
 )
 from clipfusion.errors import ConfigError
+from clipfusion.provenance import random_weights_banner
 
 #: lines of unreadable or failed inputs printed before "… and N more (see skipped.csv)"
 SHOWN = 10
@@ -43,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.quantile is not None:
         raise ConfigError("--quantile needs --calibrate, which does not run on --engine ray")
-    read_fitted(args)  # refuses --object, --refs, --preset … in one line before Ray starts
+    records = read_fitted(args)  # refuses --object, --refs, --preset … in one line before Ray starts
+    if len(records) > 1:
+        return _report(args, _run_many(args, records))
     thresholds = None
     if args.thresholds is not None:
         thresholds = Thresholds.load(check_input_file(args.thresholds, "--thresholds"))
     summary = predict(
-        args.fitted,
+        next(iter(records.values())).path,
         args.images,
         args.out,
         address=args.address,
@@ -67,6 +71,45 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=show_progress(args),
     )
+    return _report(args, summary)
+
+
+def _run_many(args: argparse.Namespace, records: dict[str, Any]) -> Any:
+    """``--fitted A B C --engine ray``: every worker holds one copy of the models and every object."""
+    from clipfusion.distributed import predict_line
+
+    per_fit = [o for o in ("thresholds", "threshold", "pixel_threshold") if getattr(args, o) is not None]
+    if per_fit:
+        options = ", ".join(f"--{o.replace('_', '-')}" for o in per_fit)
+        raise ConfigError(
+            f"{options}: with several fitted objects each keeps the thresholds of its own fit "
+            "(`clipfusion fit --calibrate`); drop them, or score the objects one by one"
+        )
+    for name, record in records.items():
+        banner = random_weights_banner(record.config)
+        if banner:
+            warn(f"{name}: {banner}")
+    return predict_line(
+        {name: record.path for name, record in records.items()},
+        args.images,
+        args.out,
+        address=args.address,
+        workers=args.workers if args.workers is not None else 1,
+        gpus_per_worker=args.gpus_per_worker or 0.0,
+        cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else 1.0,
+        batch_size=args.batch_size,
+        normalize=args.normalize,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        report_top=args.report_top,
+        weights_dir=weights_dir(args),
+        device=args.device,
+        progress=show_progress(args),
+    )
+
+
+def _report(args: argparse.Namespace, summary: Any) -> int:
+    """What a run did, in lines; the exit status (2 for inputs left out without --skip-bad)."""
     done = f"{summary.scored} of {summary.images} images scored"
     if summary.resumed:
         done += f" ({summary.resumed} already complete before this run)"

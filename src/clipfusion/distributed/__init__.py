@@ -22,20 +22,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from clipfusion.distributed.line import predict_line
     from clipfusion.distributed.run import RunSummary, predict
 
-__all__ = ["RunSummary", "predict"]
+__all__ = ["RunSummary", "predict", "predict_line"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
         try:
-            from clipfusion.distributed import run
+            from clipfusion.distributed import line, run
         except ImportError as exc:  # pyarrow comes with the extra
             from clipfusion.errors import ConfigError
 
             raise ConfigError(
                 f"the Ray engine needs Ray Data ({exc}); pip install 'clipfusion[ray]'"
             ) from exc
-        return getattr(run, name)
+        return getattr(line if name == "predict_line" else run, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -100,25 +100,31 @@ class ScoreBatch:
     that starts the run, and every worker is sure to use the same fit. The model weights come from
     ``weights_dir`` (or the Hugging Face cache) on each worker's machine, and are checked against the fit's
     fingerprint when the detector loads.
+
+    Several fitted objects (a production line's mixed batch): ``fitted_files`` maps each object's name to
+    its folder's files, the actor loads them all onto one copy of the models
+    (:class:`~clipfusion.detector_set.DetectorSet`), each row's ``object`` says which scores it, and
+    ``pixel_threshold`` maps names to their pixel thresholds.
     """
 
     def __init__(
         self,
-        fitted_files: dict[str, bytes] | list[Any],
+        fitted_files: dict[str, Any] | list[Any],
         *,
         out: str,
-        fitted_path: str = "the fitted detector",
+        fitted_path: str | dict[str, str] = "the fitted detector",
         weights_dir: str | None = None,
         device: str | None = None,
         threads: int = 1,
         batch_size: int | None = None,
-        pixel_threshold: float | None = None,
+        pixel_threshold: float | dict[str, float | None] | None = None,
         overlays: bool = False,
-        png_text: dict[str, str] | None = None,
+        png_text: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
         from clipfusion.detector import CLIPFusion
+        from clipfusion.detector_set import DetectorSet
         from clipfusion.errors import ClipfusionError
 
         self.threads = max(1, int(threads))
@@ -127,35 +133,58 @@ class ScoreBatch:
             import ray
 
             fitted_files = ray.get(fitted_files[0])
-        folder = tempfile.mkdtemp(prefix="clipfusion-fitted-")
+        several = all(isinstance(files, dict) for files in fitted_files.values())
+        folders = fitted_files if several else {"": fitted_files}
+        shown = fitted_path if isinstance(fitted_path, dict) else {"": fitted_path}
+        temporary = tempfile.mkdtemp(prefix="clipfusion-fitted-")
+        copies = {name: Path(temporary, name or "fitted") for name in folders}
         try:
-            for name, payload in fitted_files.items():
-                Path(folder, name).write_bytes(payload)
-            self.detector = CLIPFusion.load(folder, weights_dir=weights_dir, device=device)
+            for name, files in folders.items():
+                copies[name].mkdir()
+                for file, payload in files.items():
+                    (copies[name] / file).write_bytes(payload)
+            if several:
+                #: the detector of each object of a several-object run, on one copy of the models
+                self.detectors: dict[str, Any] = dict(
+                    DetectorSet.load(copies, weights_dir=weights_dir, device=device)
+                )
+                self.detector = next(iter(self.detectors.values()))
+            else:
+                self.detector = CLIPFusion.load(copies[""], weights_dir=weights_dir, device=device)
         except ClipfusionError as exc:  # named after the folder the user gave, not this copy
-            exc.args = (str(exc).replace(folder, fitted_path),)
+            message = str(exc)
+            for name, copy in copies.items():
+                message = message.replace(str(copy), shown.get(name, name))
+            exc.args = (message,)
             raise
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(temporary, ignore_errors=True)
         self.out = Path(out)
         self.batch_size = batch_size
+        #: None (no masks), a value, or for several objects each object's (None where it has none)
         self.pixel_threshold = pixel_threshold
         self.overlays = overlays
+        #: the PNG text chunks (for several objects, each object's)
         self.png_text = dict(png_text or {})
         self.name = worker_name()
 
-    def _predict(self, images: Sequence[Any]) -> list[Any]:
-        """Results for the images in one call, or, when that call fails, one by one: a failing image then
-        costs only its own record."""
+    @property
+    def _per_object_text(self) -> bool:
+        return bool(self.png_text) and all(isinstance(v, dict) for v in self.png_text.values())
+
+    def _predict(self, images: Sequence[Any], name: str = "") -> list[Any]:
+        """Results for the images (all of the object ``name``) in one call, or, when that call fails, one by
+        one: a failing image then costs only its own record."""
+        detector = self.detectors[name] if name else self.detector
         try:
-            return list(self.detector.predict(list(images), batch_size=self.batch_size))
+            return list(detector.predict(list(images), batch_size=self.batch_size))
         except Exception:
             if len(images) == 1:
                 raise
         results: list[Any] = []
         for image in images:
             try:
-                results.append(self.detector.predict([image], batch_size=1)[0])
+                results.append(detector.predict([image], batch_size=1)[0])
             except Exception as exc:
                 results.append(exc)
         return results
@@ -168,12 +197,14 @@ class ScoreBatch:
             loaded = list(pool.map(_load, [row["source"] for row in rows]))
         good = [i for i, item in enumerate(loaded) if not isinstance(item, str)]
         results: dict[int, Any] = {}
-        if good:
+        objects = [row.get("object") or "" for row in rows]
+        for name in dict.fromkeys(objects[i] for i in good):  # a batch holds one object's rows
+            mine = [i for i in good if objects[i] == name]
             try:
-                found = self._predict([loaded[i] for i in good])
+                found = self._predict([loaded[i] for i in mine], name)
             except Exception as exc:
-                found = [exc] * len(good)
-            results = dict(zip(good, found, strict=True))
+                found = [exc] * len(mine)
+            results.update(zip(mine, found, strict=True))
         records = []
         for i, row in enumerate(rows):
             record = {
@@ -198,11 +229,17 @@ class ScoreBatch:
                 low, high = float(anomaly_map.min()), float(anomaly_map.max())
                 try:
                     report.save_npy(anomaly_map, self.out / row["map"])
-                    if self.pixel_threshold is not None:
-                        mask = report.mask_image(pixel_mask(anomaly_map, self.pixel_threshold), item.size)
-                        report.save_png(mask, self.out / row["mask"], text=self.png_text)
+                    pixel_threshold = (
+                        self.pixel_threshold.get(objects[i])
+                        if isinstance(self.pixel_threshold, dict)
+                        else self.pixel_threshold
+                    )
+                    text = self.png_text.get(objects[i], {}) if self._per_object_text else self.png_text
+                    if pixel_threshold is not None:
+                        mask = report.mask_image(pixel_mask(anomaly_map, pixel_threshold), item.size)
+                        report.save_png(mask, self.out / row["mask"], text=text)
                     if self.overlays:
-                        _draw_overlay(item, anomaly_map, low, high, self.out / row["overlay"], self.png_text)
+                        _draw_overlay(item, anomaly_map, low, high, self.out / row["overlay"], text)
                 except OSError as exc:  # a full or read-only output disk: said per image, not a dead task
                     record.update(status=FAILED, problem=f"{row['path']}: cannot write its outputs ({exc})")
                 else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,4 +209,91 @@ def write_predictions(
         ),
     )
     folder.close()
+    return rows
+
+
+def write_line_predictions(
+    detectors: Mapping[str, CLIPFusion],
+    routed: Sequence[tuple[Path, str]],
+    out: OutputFolder,
+    *,
+    details: Mapping[str, dict[str, str]],
+    banners: Mapping[str, str],
+    normalize: str = "set",
+    batch_size: int | None = None,
+    progress: bool = True,
+    report_top: int | None = report.REPORT_TOP,
+    skipped: Sequence[tuple[str, str, str]] = (),
+) -> list[tuple[str, str, float, str]]:
+    """A mixed batch of several fitted objects (``routed``: each input with its object's name): one
+    sub-folder per object, ``OUT/<name>/``, holding exactly what :func:`write_predictions` writes for that
+    object's inputs alone (its own scores, maps, overlays, masks and thresholds from its fit, report), and
+    across them ``OUT/scores.csv`` (every row with its ``object``, files relative to ``OUT``),
+    ``OUT/report.html`` (one line per object, linking its report) and ``OUT/skipped.csv``; ``skipped`` is
+    ``(path, object, problem)`` per input left out. ``details`` and ``banners`` are each object's report
+    lines and warning (the page of the whole run shows every distinct warning). Returns ``(path, object,
+    score, decision)`` in input order within each object."""
+    names = list(dict.fromkeys(name for _, name in routed))
+    files = {name: [path for path, of in routed if of == name] for name in names}
+    kinds = {name: weights_kind(detectors[name].config) for name in names}
+    weights = "random" if "random" in kinds.values() else "pretrained"
+    planned = ["scores.csv", "report.html"] + (["skipped.csv"] if skipped else [])
+    outputs: dict[str, list[OutputNames]] = {}
+    for name in names:
+        thresholds = detectors[name].thresholds
+        outputs[name] = output_names(files[name], with_masks=thresholds is not None)
+        per_object = planned_files(outputs[name], thresholds=thresholds is not None)
+        left_out = [(path, problem) for path, of, problem in skipped if of == name]
+        per_object += ["manifest.json"] + (["skipped.csv"] if left_out else [])
+        planned += [f"{name}/{file}" for file in per_object]
+    out.open(planned, command="predict", images=len(routed), objects=names, weights=weights)
+    rows: list[tuple[str, str, float, str]] = []
+    lines: list[list[str]] = []
+    summary = []
+    for name in names:
+        detector, thresholds = detectors[name], detectors[name].thresholds
+        log.info(f"{name}: {len(files[name])} images")
+        done = write_predictions(
+            detector,
+            files[name],
+            OutputFolder(out.path / name),
+            threshold=thresholds.image if thresholds is not None else None,
+            pixel_threshold=thresholds.pixel if thresholds is not None else None,
+            thresholds=thresholds,
+            normalize=normalize,
+            batch_size=batch_size,
+            progress=progress,
+            title=f"clipfusion: {detector.object_name}",
+            banner=banners.get(name, ""),
+            details=dict(details.get(name, {})),
+            report_top=report_top,
+            skipped=[(path, problem) for path, of, problem in skipped if of == name],
+        )
+        for (path, score, said), files_of in zip(done, outputs[name], strict=True):
+            rows.append((path, name, score, said))
+            mask = f"{name}/{files_of.mask}" if files_of.mask else ""
+            overlay, map_file = f"{name}/{files_of.overlay}", f"{name}/{files_of.map}"
+            lines.append([path, name, f"{score:.6f}", said, overlay, map_file, mask, kinds[name]])
+        scores = [score for _, score, _ in done]
+        summary.append(
+            {
+                "name": name,
+                "object": str(detector.object_name),
+                "images": len(done),
+                "anomalous": sum(1 for *_, said in done if said == "anomalous") if thresholds else None,
+                "top": max(scores) if scores else None,
+                "report": f"{name}/report.html",
+                "weights": WEIGHTS_NOTE[kinds[name]],
+            }
+        )
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "object", "score", "decision", "overlay", "map", "mask", "weights"])
+    writer.writerows(lines)
+    atomic_write_text(out.path / "scores.csv", buf.getvalue())
+    if skipped:
+        write_skipped_csv(out.path / "skipped.csv", [(path, problem) for path, _, problem in skipped])
+    warning = " ".join(dict.fromkeys(b for b in banners.values() if b))
+    report.write_html(out.path / "report.html", report.line_report(summary, banner=warning))
+    out.close()
     return rows

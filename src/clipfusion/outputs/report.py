@@ -171,6 +171,31 @@ def html_report(
     return "\n".join(parts)
 
 
+def line_report(objects: Sequence[dict], *, banner: str = "") -> str:
+    """The page of a run over several fitted objects: one row per object (its name, what it inspects, how
+    many images, how many decided anomalous, its highest score) linking that object's own report — scores of
+    different products are on different scales, so they are shown side by side, never pooled."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>clipfusion: {len(objects)} objects</title><style>{_CSS}</style></head><body>",
+        f"<h1>clipfusion: {len(objects)} fitted objects</h1>",
+        "<div class='meta'>one report per object; every score is in scores.csv</div>",
+    ]
+    if banner:
+        parts.append(f"<div class='banner'>{esc(banner)}</div>")
+    rows = ["<tr><th>name</th><th>object</th><th>images</th><th>anomalous</th><th>highest score</th></tr>"]
+    for entry in objects:
+        anomalous = "–" if entry.get("anomalous") is None else str(entry["anomalous"])
+        top = "–" if entry.get("top") is None else f"{entry['top']:.4f}"
+        rows.append(
+            f"<tr><td><a href='{esc(entry['report'])}'>{esc(entry['name'])}</a></td>"
+            f"<td>{esc(entry['object'])}</td><td>{entry['images']}</td><td>{anomalous}</td><td>{top}</td></tr>"
+        )
+    parts.append(f"<table>{''.join(rows)}</table></body></html>")
+    return "\n".join(parts)
+
+
 def score_histogram_svg(
     scores: Sequence[float], *, threshold: float | None = None, bins: int = 40, width: int = 640
 ) -> str:

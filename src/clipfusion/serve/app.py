@@ -339,6 +339,8 @@ def describe(slot: Slot) -> dict[str, Any]:
         "config": record.config.to_dict(),
         "created": record.record.get("created"),
         "load_seconds": slot.load_seconds,
+        # the detectors that use this one's copy of the models (itself included): loaded once for all
+        "shares_models_with": list(slot.shares_models_with),
         "queue": {
             "limit": slot.gate.limit,
             "inside": slot.gate.inside,

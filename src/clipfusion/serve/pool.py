@@ -1,25 +1,32 @@
-"""The fitted detectors a server holds: checked at start, loaded in the background, one worker each.
+"""The fitted detectors a server holds: checked at start, loaded in the background, one worker each, all on
+one copy of the models.
 
 A server must answer ``/healthz`` at once (a supervisor restarting a process that takes a minute to load its
 models would never see it come up) and say ``/readyz`` only when every model is loaded, so loading runs in a
 thread of its own after the server starts listening. The folders are checked with
 :func:`clipfusion.fitted.read` before that (no model is loaded for it), so a wrong ``--fitted`` fails the
 command with one line, not a server that never becomes ready.
+
+The networks are loaded once for every detector that can share them (:mod:`clipfusion.shared`): fifteen
+products cost one copy of the models and fifteen fitted states of a few MB, not fifteen copies. A fitted
+folder that needs other networks (another dtype, other weights or architecture) is served on a second set of
+models, loaded the same way; one whose weights are not the shared models' fails to load with one line.
+Each detector keeps its own queue and micro-batching worker.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipfusion.config import check_batch_size
 from clipfusion.errors import ClipfusionError, ConfigError
+from clipfusion.fitted import NAME_PATTERN, parse_fitted
 from clipfusion.serve.batching import Gate, MicroBatcher
 
 if TYPE_CHECKING:
@@ -29,9 +36,6 @@ if TYPE_CHECKING:
     from clipfusion.fitted import FittedRecord
 
 log = logging.getLogger(__name__)
-
-#: detector names appear in URLs: keep them to characters that need no escaping
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 WAITING, LOADING, READY, FAILED = "waiting", "loading", "ready", "failed"
 
@@ -64,43 +68,20 @@ class Slot:
     detector: CLIPFusion | None = None
     batcher: MicroBatcher[Image.Image, AnomalyResult] | None = None
     load_seconds: float | None = None
+    #: the detectors whose models this one's are (itself included), once its set of models is planned
+    shares_models_with: tuple[str, ...] = ()
 
     @property
     def ready(self) -> bool:
         return self.state == READY
 
 
-def parse_fitted(specs: Iterable[str | Path]) -> dict[str, Path]:
-    """``DIR`` or ``NAME=DIR`` → {name: folder}; a plain ``DIR`` is named after its last component."""
-    named: dict[str, Path] = {}
-    for spec in specs:
-        text = str(spec)
-        name, sep, rest = text.partition("=")
-        if sep and rest and "/" not in name and "\\" not in name:
-            path = Path(rest)  # NAME=DIR (a folder whose path has "=" in it has a "/" before it)
-        else:
-            path = Path(text)
-            name = path.resolve().name
-        if not NAME_PATTERN.match(name):
-            raise ConfigError(
-                f"--fitted {text}: {name!r} is not a usable detector name (letters, digits, '.', '_', '-'); "
-                "name it with NAME=DIR"
-            )
-        if name in named:
-            raise ConfigError(f"--fitted: two detectors named {name!r}; name them with NAME=DIR")
-        named[name] = path
-    if not named:
-        raise ConfigError("--fitted: give at least one fitted detector folder")
-    return named
-
-
 Loader = Callable[["FittedRecord"], "CLIPFusion"]
 
 
 class DetectorPool:
-    """The detectors of one server, by name. ``loader`` turns a checked folder into a detector (default
-    :meth:`CLIPFusion.load` with ``weights_dir``, ``local_files_only`` and ``device``); tests pass their own
-    to hold loading back."""
+    """The detectors of one server, by name, on shared models (:mod:`clipfusion.shared`). ``loader`` turns a
+    checked folder into a detector instead (tests pass their own to hold loading back)."""
 
     def __init__(
         self,
@@ -124,14 +105,45 @@ class DetectorPool:
         self._weights_dir = weights_dir
         self._local_files_only = local_files_only
         self._device = device
-        self._loader = loader or self._load_fitted
+        self._loader = loader
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
-    def _load_fitted(self, record: FittedRecord) -> CLIPFusion:
+    def _plan(self) -> list[tuple[Callable[[], Any], list[str]]]:
+        """``[(load the models, names)]``: one set of models for every group of detectors that can share
+        them (with a custom loader, each detector alone)."""
+        if self._loader is not None:
+            return [(lambda: None, [name]) for name in self.slots]
+        from clipfusion.shared import SharedModels, plan_models
+
+        configs = {
+            name: slot.record.config
+            if self._device is None
+            else slot.record.config.replace(device=self._device)
+            for name, slot in self.slots.items()
+        }
+        plans = []
+        for config, names in plan_models(configs):
+
+            def build(config: Any = config) -> SharedModels:
+                return SharedModels(
+                    config,
+                    weights_dir=self._weights_dir,
+                    local_files_only=self._local_files_only,
+                    text_encoders=False,
+                )
+
+            plans.append((build, names))
+        return plans
+
+    def _load(self, slot: Slot, models: Any) -> CLIPFusion:
+        if self._loader is not None:
+            return self._loader(slot.record)
         from clipfusion.detector import CLIPFusion
 
-        return CLIPFusion.load(record.path, self._weights_dir, self._local_files_only, device=self._device)
+        return CLIPFusion.load(
+            slot.record.path, local_files_only=self._local_files_only, device=self._device, models=models
+        )
 
     # -- loading ------------------------------------------------------------------------------------------
     def start(self, on_failure: Callable[[str, str], None] | None = None) -> None:
@@ -145,37 +157,61 @@ class DetectorPool:
         self._thread.start()
 
     def load_all(self, on_failure: Callable[[str, str], None] | None = None) -> None:
-        for slot in self.slots.values():
-            if self._closed.is_set():
-                return
-            slot.state = LOADING
+        def failed(slot: Slot, exc: Exception) -> None:  # one line; the server says so on /readyz
+            slot.state = FAILED
+            slot.error = str(exc) if isinstance(exc, ClipfusionError) else f"{type(exc).__name__}: {exc}"
+            log.error(f"detector {slot.name!r} could not be loaded: {slot.error}")
+            if on_failure is not None:
+                on_failure(slot.name, slot.error)
+
+        try:
+            plans = self._plan()
+        except Exception as exc:  # a placement that cannot be resolved, say: every detector says so
+            for slot in self.slots.values():
+                failed(slot, exc)
+            return
+        for build, names in plans:
+            group = [self.slots[name] for name in names]
             start = time.perf_counter()
-            log.info(f"loading detector {slot.name!r} from {slot.record.path}")
+            for slot in group:
+                slot.state = LOADING
+                slot.shares_models_with = tuple(names) if self._loader is None else ()
+            if self._loader is None:
+                log.info(f"loading the models for {len(names)} detector(s): {', '.join(names)}")
             try:
-                detector = self._loader(slot.record)
-            except Exception as exc:  # any failure: one line, the server says so on /readyz
-                slot.state = FAILED
-                slot.error = str(exc) if isinstance(exc, ClipfusionError) else f"{type(exc).__name__}: {exc}"
-                log.error(f"detector {slot.name!r} could not be loaded: {slot.error}")
-                if on_failure is not None:
-                    on_failure(slot.name, slot.error)
+                models = build()
+            except Exception as exc:
+                for slot in group:
+                    failed(slot, exc)
                 continue
-            batch_size = self.limits.batch_size or detector.default_batch_size
-            slot.detector = detector
-            slot.batcher = MicroBatcher(
-                _scorer(detector),
-                batch_size=batch_size,
-                max_wait_s=self.limits.max_wait_ms / 1000.0,
-                name=slot.name,
-            )
-            slot.load_seconds = time.perf_counter() - start
-            slot.state = READY
-            log.info(
-                f"detector {slot.name!r} ready in {slot.load_seconds:.1f} s ({detector.object_name!r}, "
-                f"{detector.shots}-shot, batches of up to {batch_size})"
-            )
-            if self._closed.is_set():  # closed while this one loaded
-                slot.batcher.close()
+            for slot in group:
+                if self._closed.is_set():
+                    return
+                log.info(f"loading detector {slot.name!r} from {slot.record.path}")
+                try:
+                    detector = self._load(slot, models)
+                except Exception as exc:
+                    failed(slot, exc)
+                    continue
+                self._ready(slot, detector, time.perf_counter() - start)
+
+    def _ready(self, slot: Slot, detector: CLIPFusion, seconds: float) -> None:
+        batch_size = self.limits.batch_size or detector.default_batch_size
+        slot.detector = detector
+        slot.batcher = MicroBatcher(
+            _scorer(detector),
+            batch_size=batch_size,
+            max_wait_s=self.limits.max_wait_ms / 1000.0,
+            name=slot.name,
+        )
+        slot.load_seconds = seconds
+        slot.state = READY
+        log.info(
+            f"detector {slot.name!r} ready in {slot.load_seconds:.1f} s ({detector.object_name!r}, "
+            f"{detector.shots}-shot, batches of up to {batch_size})"
+        )
+        if self._closed.is_set():  # closed while this one loaded
+            slot.batcher.close()
 
     @property
     def ready(self) -> bool:

@@ -24,6 +24,7 @@ prompts (``prompts.py``), the lean VAE pass (``lean_vae.py``) and the conditioni
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,9 +33,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipfusion.branches import BranchState, resolve_batch_size
+from clipfusion.branches import BranchState, TextSide, resolve_batch_size
 from clipfusion.branches.mapdiff.attention import cross_attention_layers
-from clipfusion.branches.mapdiff.conditioning import KnownInputs, precompute_conditioning
+from clipfusion.branches.mapdiff.conditioning import (
+    KnownInputs,
+    batch_one_projections,
+    precompute_conditioning,
+)
 from clipfusion.branches.mapdiff.lean_vae import (
     encode_moments,
     lean_encoder_supported,
@@ -68,6 +73,7 @@ class MapDiff:
 
     Takes already-loaded components (any device and dtype; the maps are computed in float32), so that tests
     and benchmarks can inject their own; :meth:`from_preset` and :meth:`from_config` load them.
+    :meth:`share` gives another fitted object a branch on the same components (no copy).
     """
 
     name = "diffusion"
@@ -84,9 +90,15 @@ class MapDiff:
     ) -> None:
         self.vae = vae
         self.unet = unet
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        self._text = TextSide(text_encoder, tokenizer)  # shared by every view (:meth:`share`)
         self.scheduler = scheduler
+        #: whether :meth:`release_text_encoder` may replace the UNet's prompt layers by tables of this
+        #: branch's prompts (never where the UNet is shared by several fitted objects)
+        self.specialise_unet = True
+        #: whether :meth:`release_text_encoder` frees the text side (a view leaves that to its models)
+        self.owns_text_encoder = True
+        # one UNet pass at a time: the capture hooks and processors live on the (possibly shared) modules
+        self._unet_lock = threading.Lock()
         self.config = (config or MapDiffConfig()).placed()
         self.attention_layers = cross_attention_layers(unet, self.config.attention_blocks)
         #: UNet modules removed because the early exit never reaches them (see drop_unreached_modules)
@@ -119,6 +131,7 @@ class MapDiff:
         local_files_only: bool | None = None,
         text_encoder: bool = True,
         objects: Sequence[str] = (),
+        shared: bool = False,
     ) -> MapDiff:
         """Load the components the configuration names (pretrained or random) and wrap them.
 
@@ -128,6 +141,11 @@ class MapDiff:
         the text encoder is loaded alone, encodes their prompts, and is freed before the VAE and the UNet
         load, so that it never shares memory with them (1.4 GB less at the peak for SD-2 in float32); the
         branch is then as after :meth:`prepare` and :meth:`release_text_encoder`.
+
+        ``shared``: the components are for many fitted objects (:class:`clipfusion.shared.SharedModels`),
+        which get branches on them through :meth:`share`: the UNet's timestep layers become tables as usual,
+        but its prompt projections never become tables of any object's prompts (they compute a batch's one
+        prompt once instead, :class:`~.conditioning.BatchOneLinear`: the same numbers).
         """
         from clipfusion.models.diffusion import load_diffusion_components
         from clipfusion.models.weights import fingerprint_records
@@ -157,7 +175,10 @@ class MapDiff:
             if config.early_exit:
                 layers = cross_attention_layers(unet, config.attention_blocks)
                 drop_after_last_attention(unet, layers, config.feature_blocks)
-            if embeddings and config.precompute_conditioning:
+            if shared and config.precompute_conditioning:
+                precompute_conditioning(unet, [config.timestep], [])
+                batch_one_projections(unet)
+            elif embeddings and config.precompute_conditioning:
                 parameter = next(unet.parameters())
                 prompts = [e.to(device=parameter.device, dtype=parameter.dtype) for e in embeddings.values()]
                 precompute_conditioning(unet, [config.timestep], prompts)
@@ -179,6 +200,7 @@ class MapDiff:
         use_inplace_activations(vae.encoder)
         branch = cls(**components.modules(), config=config)
         branch._unet_records = records
+        branch.specialise_unet = not shared
         if objects:
             for key, hidden in embeddings.items():
                 branch._check_text_width(hidden.shape[-1])
@@ -198,6 +220,35 @@ class MapDiff:
         if options:
             config = with_overrides(config, options)
         return cls.from_config(config)
+
+    def share(self, config: MapDiffConfig) -> MapDiff:
+        """A branch for another fitted object with ``config``, on these very components: its own prompts,
+        memory bank and options, no copy of a network and no load. The UNet must be one built for sharing
+        (``from_config(shared=True)``, as :class:`clipfusion.shared.SharedModels` builds it): a UNet whose
+        prompt layers are tables of this branch's prompts cannot serve another object's, and is refused.
+
+        Prompts already encoded here are handed on when the prompt template is the same; the text encoder
+        (while there is one) is the same object, and freeing it is the models' business, not the view's.
+        """
+        tables = [m for m in self.unet.modules() if isinstance(m, KnownInputs) and not m.timesteps]
+        if tables:
+            raise ConfigError(
+                "this diffusion branch's UNet holds tables of its own prompts (precompute_conditioning), so "
+                "it cannot serve another object; load the models with clipfusion.shared.SharedModels"
+            )
+        view = type(self)(self.vae, self.unet, None, None, self.scheduler, config)
+        view._text = self._text
+        if self.text_encoder is not None:
+            view._check_text_width(int(self.text_encoder.config.hidden_size))
+        view._unet_lock = self._unet_lock
+        view._unet_records = self._unet_records
+        view.lean_vae = self.lean_vae
+        view.specialise_unet = False
+        view.owns_text_encoder = False
+        if view.config.prompt_template == self.config.prompt_template:
+            view._embeddings.update(self._embeddings)
+            view._tokens.update(self._tokens)
+        return view
 
     def _check_components(self) -> None:
         self.check_config(self.config)
@@ -252,6 +303,22 @@ class MapDiff:
             )
 
     # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def text_encoder(self) -> Any:
+        return self._text.encoder
+
+    @text_encoder.setter
+    def text_encoder(self, value: Any) -> None:
+        self._text.encoder = value
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._text.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._text.tokenizer = value
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -318,11 +385,19 @@ class MapDiff:
         No prompt can be added after this, so with ``precompute_conditioning`` (the default) the UNet's
         timestep and cross-attention key/value layers are then replaced by their outputs for the configured
         timestep and the cached prompts (:mod:`.conditioning`: 0.2 GB fewer weights for SD-2 in float32, same
-        maps to rounding).
+        maps to rounding) — except in a UNet shared by several fitted objects, which is never specialised to
+        one of them. A view (:meth:`share`) leaves the text side to its models.
         """
+        if not self.owns_text_encoder:
+            return  # a view: its models free the text side for every object at once
         self.text_encoder = None
         self.tokenizer = None
-        if self.config.precompute_conditioning and self._embeddings and not self.precomputed:
+        if (
+            self.specialise_unet
+            and self.config.precompute_conditioning
+            and self._embeddings
+            and not self.precomputed
+        ):
             self._precompute_conditioning()
 
     def _precompute_conditioning(self) -> None:
@@ -557,7 +632,10 @@ class MapDiff:
         states = prompt_embeddings.to(device=sample.device, dtype=self.dtype)
         states = states.expand(sample.shape[0], -1, -1)
         step = self.config.timestep if timestep is None else timestep
-        return capture_pass(self.unet, sample, step, states, layers=layers, blocks=blocks, early_exit=early)
+        with self._unet_lock:
+            return capture_pass(
+                self.unet, sample, step, states, layers=layers, blocks=blocks, early_exit=early
+            )
 
     def passes(
         self,

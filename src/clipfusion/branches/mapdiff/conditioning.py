@@ -19,6 +19,12 @@ batch-1 product, by about 1e-7 of the values).
 A cross-attention's keys and values are replaced only while the table is smaller than the two weight
 matrices (tokens × prompts below the text width: 13 prompts of 77 tokens for SD-2's 1,024): a run over many
 categories keeps them.
+
+A UNet shared by several fitted objects (:class:`clipfusion.shared.SharedModels`) is never given prompt
+tables: the prompts are the objects' own, and more objects may come. Its timestep layers still become tables
+(the timestep is a setting of the shared models), and its key and value projections become
+:class:`BatchOneLinear` layers, which compute a batch's one repeated prompt once and expand it: the numbers a
+prompt table gives, whatever the batch, with the weights kept for any prompt.
 """
 
 from __future__ import annotations
@@ -134,23 +140,53 @@ def _time_tables(
     return tables
 
 
+class BatchOneLinear(torch.nn.Linear):
+    """A key or value projection that computes a batch of one repeated input (an expanded tensor, as every
+    UNet pass gives its prompt) once and expands the result: each row is then the layer's batch-1 output,
+    the very numbers a :class:`KnownInputs` table of that prompt holds, at any batch size."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] > 1 and hidden.stride(0) == 0:
+            row = super().forward(hidden[:1])
+            return row.expand(hidden.shape[0], *row.shape[1:])
+        return super().forward(hidden)
+
+
+def batch_one_projections(unet: torch.nn.Module) -> list[str]:
+    """Make every prompt projection that :func:`precompute_conditioning` could table a
+    :class:`BatchOneLinear` (the same module, weights and name; only its forward changes); returns their
+    names."""
+    changed = []
+    for name, kind in conditioning_layers(unet).items():
+        layer = unet.get_submodule(name)
+        if kind == "prompt" and type(layer) is torch.nn.Linear:
+            layer.__class__ = BatchOneLinear
+            changed.append(name)
+    return changed
+
+
 def precompute_conditioning(
     unet: torch.nn.Module, timesteps: Sequence[int], prompts: Sequence[torch.Tensor]
 ) -> list[str]:
     """Replace the conditioning layers of ``unet`` by :class:`KnownInputs` tables; returns their names.
 
-    ``prompts`` are ``(1, tokens, width)`` text-encoder states as the UNet's passes get them, in its dtype.
-    Each table row is the layer's own output at batch 1, computed here directly (no UNet pass, so no
-    activation or weight copy adds to the memory peak while every weight is still loaded).
+    ``prompts`` are ``(1, tokens, width)`` text-encoder states as the UNet's passes get them, in its dtype;
+    none (a shared UNet) replaces the timestep layers only. Each table row is the layer's own output at
+    batch 1, computed here directly (no UNet pass, so no activation or weight copy adds to the memory peak
+    while every weight is still loaded).
     """
-    if not timesteps or not prompts:
+    if not timesteps:
         return []
     kinds = conditioning_layers(unet)
-    tokens, width = int(prompts[0].shape[-2]), int(prompts[0].shape[-1])
-    if tokens * len(prompts) >= width * KEY_VALUE_TABLE_SHARE:  # the table would outweigh the weights
+    # no prompt (a shared UNet), or a table that would outweigh the weights it frees: timestep layers only
+    rows = int(prompts[0].shape[-2]) * len(prompts) if prompts else 0
+    if not prompts or rows >= int(prompts[0].shape[-1]) * KEY_VALUE_TABLE_SHARE:
         kinds = {name: kind for name, kind in kinds.items() if kind == "time"}
+    if not kinds:
+        return []
     with torch.inference_mode():
-        like = prompts[0].new_zeros(1)  # a batch of one in the UNet's dtype and device
+        # a batch of one in the UNet's dtype and device
+        like = prompts[0].new_zeros(1) if prompts else next(unet.parameters()).new_zeros(1)
         tables = _time_tables(unet, [n for n, k in kinds.items() if k == "time"], timesteps, like)
         for name in (n for n, k in kinds.items() if k == "prompt"):
             layer = unet.get_submodule(name)
@@ -164,4 +200,10 @@ def precompute_conditioning(
     return replaced
 
 
-__all__ = ["KnownInputs", "conditioning_layers", "precompute_conditioning"]
+__all__ = [
+    "BatchOneLinear",
+    "KnownInputs",
+    "batch_one_projections",
+    "conditioning_layers",
+    "precompute_conditioning",
+]

@@ -58,7 +58,7 @@ def grid_config_points(config: CLIPFusionConfig, grid: Grid, out_dir: Path) -> l
 
 def build_config(config: CLIPFusionConfig, points: Sequence[GridPoint]) -> CLIPFusionConfig:
     """The configuration the grid's detector is built with: the base one, with the union of every point's
-    feature and attention blocks (in the order the points give them).
+    feature and attention blocks (:func:`clipfusion.shared.shared_config`, the rule shared models follow).
 
     The one place that decides which UNet blocks the built model must keep: a MapDiff built for early exit
     may leave out the modules after the last block its configuration reads, and every block any grid point
@@ -66,16 +66,9 @@ def build_config(config: CLIPFusionConfig, points: Sequence[GridPoint]) -> CLIPF
     configuration only decides what is built. Points at another timestep than the base one need the UNet's
     timestep layers themselves, not their outputs at one timestep (``precompute_conditioning`` off).
     """
-    feature = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.feature_blocks))
-    attention = tuple(dict.fromkeys(b for p in points for b in p.config.diffusion.attention_blocks))
-    one_timestep = all(p.config.diffusion.timestep == config.diffusion.timestep for p in points)
-    return config.replace(
-        **{
-            "diffusion.feature_blocks": feature,
-            "diffusion.attention_blocks": attention,
-            "diffusion.precompute_conditioning": config.diffusion.precompute_conditioning and one_timestep,
-        }
-    )
+    from clipfusion.shared import shared_config
+
+    return shared_config([p.config for p in points], base=config)
 
 
 __all__ = ["GridPoint", "build_config", "grid_config_points"]
