@@ -311,7 +311,12 @@ def test_bfloat16_maps_and_scores_follow_float32():
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99, name
     fused_a = np.stack([r.anomaly_map for r in fp32])
     fused_b = np.stack([r.anomaly_map for r in bf16])
-    assert np.corrcoef(fused_a.ravel(), fused_b.ravel())[0, 1] >= 0.99
+    # what `auto` may pick on a CPU with fast bfloat16: the fused map it answers with follows float32 to
+    # Pearson 0.999 (the language maps too; the tiny models' narrow features round more than the full ones)
+    assert np.corrcoef(fused_a.ravel(), fused_b.ravel())[0, 1] >= 0.999
+    for name in ("clip_L", "clip_V", "diff_L"):
+        a, b = (np.stack([r.maps[name] for r in run]) for run in (fp32, bf16))
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999, name
     scores = np.array([[a.score, b.score] for a, b in zip(fp32, bf16, strict=True)])
     assert np.corrcoef(scores.T)[0, 1] >= 0.99
 

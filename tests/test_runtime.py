@@ -35,11 +35,19 @@ def test_freed_heap_pages_go_back_to_the_system():
 def test_auto_rule_on_every_kind_of_machine():
     from clipfusion.runtime import choose_dtype
 
-    assert choose_dtype("cpu", amx=False, capability="AVX2").dtype == torch.float32
+    assert choose_dtype("cpu", amx=False, capability="AVX2").dtype == torch.float32  # nothing measured
     assert choose_dtype("cpu", amx=False, capability="AVX512").dtype == torch.float32  # avx512_bf16 alone
     assert choose_dtype("cpu", amx=True, bf16_speed=4.0).dtype == torch.bfloat16
     slow = choose_dtype("cpu", amx=True, bf16_speed=0.8)  # the micro-check overrules the flag
     assert slow.dtype == torch.float32 and "0.80×" in slow.reason
+    # by measurement on every CPU: an EPYC with avx512_bf16 and no AMX, an AVX2 one, a tie
+    zen4 = choose_dtype("cpu", avx512_bf16=True, capability="AVX512", bf16_speed=2.31)
+    assert zen4.dtype == torch.bfloat16 and zen4.reason.endswith("2.31× float32's speed: bfloat16")
+    assert "avx512_bf16, no AMX" in zen4.reason
+    assert choose_dtype("cpu", capability="AVX2", bf16_speed=0.01).dtype == torch.float32
+    assert (
+        choose_dtype("cpu", capability="AVX512", bf16_speed=1.05).dtype == torch.float32
+    )  # within the noise
     assert choose_dtype("cuda", bf16_native=False, gpu="T4").dtype == torch.float16
     assert choose_dtype("cuda", bf16_native=True, gpu="H200", bf16_speed=0.99).dtype == torch.bfloat16
     assert choose_dtype("cuda", bf16_native=True, gpu="X", bf16_speed=0.7).dtype == torch.float16
@@ -80,6 +88,39 @@ def test_measured_speed_ratio_is_positive():
 
     ratio = measured_speed_ratio(torch.float32, torch.float32, torch.device("cpu"), repeats=1)
     assert 0.2 < ratio < 5  # the same dtype against itself: about 1, whatever the noise
+
+
+def test_a_hopeless_dtype_ends_the_check_after_the_small_probe(monkeypatch):
+    from clipfusion import runtime
+
+    sizes = []
+
+    def probe(candidate, baseline, device, size, *, repeats):
+        sizes.append(size)
+        return 0.01 if candidate == torch.bfloat16 else 1.0
+
+    monkeypatch.setattr(runtime, "_speed_ratio", probe)
+    assert runtime.measured_speed_ratio(torch.bfloat16, torch.float32, torch.device("cpu")) == 0.01
+    assert len(sizes) == 1  # the large probe never ran
+    assert runtime.measured_speed_ratio(torch.float32, torch.float32, torch.device("cpu")) == 1.0
+    assert len(sizes) == 3 and sizes[2][0] > sizes[1][0]  # small, then large
+
+
+def test_auto_measures_on_a_cpu_without_amx(monkeypatch):
+    """avx512_bf16 without AMX (AMD EPYC Zen 4): the measurement decides, both ways."""
+    from clipfusion import runtime
+
+    monkeypatch.setattr(
+        torch.cpu, "get_capabilities", lambda: {"amx_tile": False, "avx512_bf16": True, "cpu_name": "EPYC"}
+    )
+    for speed, expected in ((2.3, torch.bfloat16), (0.6, torch.float32)):
+        runtime.auto_dtype_choice.cache_clear()
+        monkeypatch.setattr(runtime, "measured_speed_ratio", lambda *a, s=speed, **k: s)
+        try:
+            choice = runtime.auto_dtype_choice(torch.device("cpu"))
+            assert choice.dtype == expected and f"{speed:.2f}×" in choice.reason
+        finally:
+            runtime.auto_dtype_choice.cache_clear()
 
 
 def test_explicit_dtypes_still_work_and_bad_names_are_refused():

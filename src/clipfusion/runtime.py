@@ -3,10 +3,12 @@
 ``dtype = "auto"`` (the default of the ``paper`` and ``random-full`` presets) is resolved here, per device,
 once per process:
 
-* **CPU**: ``bfloat16`` when the processor has AMX (Intel's bfloat16 matrix unit, Xeon Sapphire Rapids and
-  later) *and* a micro-benchmark (a matmul and a 3×3 convolution, about 0.1 s) confirms that bfloat16 runs
-  at least as fast as float32 here; otherwise ``float32``. Without AMX bfloat16 has no fast matrix unit:
-  measured at half the float32 rate on an avx512_bf16 Xeon and at a hundredth of it on an AVX2 EPYC.
+* **CPU**: ``bfloat16`` wherever a micro-benchmark (a matmul and a 3×3 convolution, the two kernels the
+  models spend their time in; a fraction of a second) finds it at least :data:`CPU_BF16_MIN_SPEEDUP` times as
+  fast as float32 on this processor, whatever made it so — Intel's AMX tiles (≈ 5× measured), AVX-512 with
+  avx512_bf16 dot products (2.3× on an AMD EPYC of Zen 4), or anything else; otherwise ``float32``. The
+  features are recorded beside the measured ratio, never trusted alone: an avx512_bf16 Xeon measured bfloat16
+  at half float32's speed, an AVX2 EPYC at a hundredth (where a small first probe ends the check at once).
 * **CUDA**: ``float16``, or ``bfloat16`` where the GPU supports it natively and the same micro-benchmark
   finds it at least as fast as float16 (within 5 %, the check's timing noise; bfloat16's wider range cannot
   overflow where float16 can).
@@ -38,6 +40,9 @@ _DTYPES = {
 AUTO = "auto"
 #: a reduced precision is chosen on a GPU when its measured speed is at least this fraction of the other's
 _GPU_SPEED_TOLERANCE = 0.95
+#: bfloat16 is chosen on a CPU when the micro-benchmark finds it at least this much faster than float32 (a
+#: margin over the check's noise: a dtype that only ties is not worth its rounding)
+CPU_BF16_MIN_SPEEDUP = 1.15
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -128,10 +133,14 @@ def auto_dtype_choice(device: torch.device) -> DtypeChoice:
     """:func:`auto_dtype` with its reason; the micro-benchmark, where one is needed, runs once per device."""
     if device.type == "cpu":
         features = cpu_features()
-        if not features["amx"]:
-            return choose_dtype("cpu", amx=False, capability=features["capability"])
         speed = measured_speed_ratio(torch.bfloat16, torch.float32, device)
-        return choose_dtype("cpu", amx=True, capability=features["capability"], bf16_speed=speed)
+        return choose_dtype(
+            "cpu",
+            amx=features["amx"],
+            avx512_bf16=features["avx512_bf16"],
+            capability=features["capability"],
+            bf16_speed=speed,
+        )
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         gpu = torch.cuda.get_device_name(index)
@@ -147,23 +156,27 @@ def choose_dtype(
     device_type: str,
     *,
     amx: bool = False,
+    avx512_bf16: bool = False,
     capability: str = "",
     bf16_native: bool = False,
     gpu: str = "",
     bf16_speed: float | None = None,
 ) -> DtypeChoice:
     """The rule of ``"auto"`` given the facts (the probes and the micro-benchmark's speed ratio of bfloat16
-    to the alternative: float32 on a CPU, float16 on CUDA); pure, so that every branch of it is testable."""
+    to the alternative: float32 on a CPU, float16 on CUDA); pure, so that every branch of it is testable.
+    On a CPU the measured ratio decides; without one (nothing measured), float32."""
     if device_type == "cpu":
-        if not amx:
-            return DtypeChoice(torch.float32, f"CPU without AMX ({capability or 'unknown'}): float32")
-        if bf16_speed is not None and bf16_speed >= 1.0:
+        features = [capability or "unknown"] + (["avx512_bf16"] if avx512_bf16 else [])
+        features.append("AMX" if amx else "no AMX")
+        where = f"CPU ({', '.join(features)})"
+        if bf16_speed is None:
+            return DtypeChoice(torch.float32, f"{where}, bfloat16 not measured: float32")
+        if bf16_speed >= CPU_BF16_MIN_SPEEDUP:
             return DtypeChoice(
-                torch.bfloat16, f"CPU with AMX: bfloat16 (measured {bf16_speed:.1f}× float32's speed)"
+                torch.bfloat16, f"{where}, bfloat16 measured {bf16_speed:.2f}× float32's speed: bfloat16"
             )
-        measured = f"{bf16_speed:.2f}×" if bf16_speed is not None else "not"
         return DtypeChoice(
-            torch.float32, f"CPU with AMX, but bfloat16 measured {measured} float32's speed here: float32"
+            torch.float32, f"{where}, bfloat16 measured {bf16_speed:.2f}× float32's speed here: float32"
         )
     if device_type == "cuda":
         where = f"CUDA {gpu}".rstrip()
@@ -180,15 +193,40 @@ def choose_dtype(
 
 
 def measured_speed_ratio(
-    candidate: torch.dtype, baseline: torch.dtype, device: torch.device, *, repeats: int = 3
+    candidate: torch.dtype,
+    baseline: torch.dtype,
+    device: torch.device,
+    *,
+    repeats: int = 3,
+    hopeless: float = 0.5,
 ) -> float:
     """Speed of ``candidate`` relative to ``baseline`` (2.0: twice as fast) on the two kernels the models
     spend their time in: a square matmul and a channels-last 3×3 convolution, best of ``repeats`` after a
-    warm-up. About 0.1 s on a CPU with AMX, milliseconds on a GPU."""
+    warm-up. On a CPU a small probe runs first, and a ratio under ``hopeless`` ends the check there (a
+    processor without any bfloat16 support runs it a hundred times slower: no need to wait for the large
+    one). A fraction of a second on a CPU, milliseconds on a GPU."""
+    cuda = device.type == "cuda"
+    if not cuda:
+        small = _speed_ratio(candidate, baseline, device, (512, 64, 32), repeats=repeats)
+        if small < hopeless:
+            return small
+    return _speed_ratio(
+        candidate, baseline, device, (4096, 256, 128) if cuda else (1024, 128, 64), repeats=repeats
+    )
+
+
+def _speed_ratio(
+    candidate: torch.dtype,
+    baseline: torch.dtype,
+    device: torch.device,
+    sizes: tuple[int, int, int],
+    *,
+    repeats: int,
+) -> float:
     import time
 
     cuda = device.type == "cuda"
-    n, channels, side = (4096, 256, 128) if cuda else (1024, 128, 64)
+    n, channels, side = sizes
     generator = torch.Generator("cpu").manual_seed(0)
     a = torch.randn(n, n, generator=generator)
     b = torch.randn(n, n, generator=generator)
