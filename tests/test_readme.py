@@ -70,3 +70,22 @@ def test_the_quick_start_says_what_the_first_install_costs():
         in quick
     )
     assert "12 minutes" in quick
+
+
+def test_the_many_products_example_runs(tmp_path, monkeypatch):
+    from clipfusion.detector import CLIPFusion
+
+    code = _python_block("Many products on one copy of the models").replace(
+        'load_preset("paper")', 'load_preset("tiny")'
+    )
+    rng = np.random.default_rng(1)
+    for name in ("good/000.png", "test/a.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for name in ("bottle", "cable"):
+        CLIPFusion.from_preset("tiny").fit(name, ["good/000.png"]).save(f"fitted/{name}")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["line"].models) == 1 and scope["cable"].object_name == "cable"
+    assert (tmp_path / "refit" / "bottle" / "detector.json").is_file()
