@@ -81,3 +81,25 @@ def test_a_folder_of_other_weights_fails_to_load_in_one_line(line, tmp_path):
     assert server.process.returncode == 2
     assert "detector 'other' could not be loaded: " in log and "the diffusion weights found" in log
     assert "Traceback" not in log
+
+
+def test_a_folder_needing_other_networks_is_served_on_a_second_set_of_models(line, tmp_path):
+    from clipfusion.detector import CLIPFusion
+    from clipfusion.serve.pool import DetectorPool, Limits
+
+    folders, _ = line
+    half = (
+        CLIPFusion.from_preset("tiny", dtype="bfloat16", objects=["cable"])
+        .fit("cable")
+        .save(tmp_path / "bf16")
+    )
+    pool = DetectorPool({"cap": folders["cap"], "cable": folders["cable"], "bf16": half}, Limits())
+    try:
+        pool.load_all()
+        assert pool.ready
+        groups = {name: slot.shares_models_with for name, slot in pool.slots.items()}
+        assert groups == {"cap": ("cap", "cable"), "cable": ("cap", "cable"), "bf16": ("bf16",)}
+        unets = {name: slot.detector.diffusion.unet for name, slot in pool.slots.items()}
+        assert unets["cap"] is unets["cable"] and unets["bf16"] is not unets["cap"]
+    finally:
+        pool.close()
