@@ -55,6 +55,40 @@ def test_save_load_round_trip_and_configuration_check(tmp_path):
         Thresholds.load(tmp_path / "broken.json")
 
 
+def test_values_set_by_hand_never_claim_the_calibration_and_keep_what_was_not_moved(tmp_path):
+    calibrated = Thresholds(0.41, 0.3415, 0.99, 20, ("/n/a.png", "/n/b.png"), "bottle", ("/r.png",), {"k": 1})
+    moved = calibrated.with_values(0.5, 0.3415)
+    data = moved.to_dict()
+    assert (data["image"], data["pixel"]) == (0.5, 0.3415)  # the pixel value as calibrated, exactly
+    assert data["origin"] == "set by hand" and data["set_by_hand"] == ["image"]
+    assert data["set_from"] == {
+        "image": 0.41,
+        "pixel": 0.3415,
+        "quantile": 0.99,
+        "n_images": 20,
+        "files": ["/n/a.png", "/n/b.png"],
+    }
+    assert not {"quantile", "n_images", "files"} & set(data)  # no calibration beside values it did not make
+    assert Thresholds.load(moved.save(tmp_path / "t.json")) == moved
+    assert moved.calibration() == calibrated and moved.with_values(0.41, 0.3415) == calibrated
+    assert (
+        calibrated.to_dict()["origin"] == "calibration" and calibrated.with_values(0.41, 0.3415) is calibrated
+    )
+    # a second move starts from the same calibration, not from the first move
+    again = moved.with_values(0.5, 0.2)
+    assert again.by_hand == ("image", "pixel") and again.calibrated == (0.41, 0.3415)
+    # no calibration at all: both values by hand, no quantile
+    det = fake_detector().fit("bottle", [])
+    bare = Thresholds.hand_set(0.5, 0.25, det).to_dict()
+    assert bare["origin"] == "set by hand" and bare["set_from"] is None and "quantile" not in bare
+    # files written before thresholds said where they came from still load, and say it now
+    legacy = {"format": 1, "image": 0.5, "pixel": 0.2, "quantile": 0.99, "n_images": 0, "files": []}
+    assert Thresholds.from_dict(legacy).origin == "set by hand"
+    assert Thresholds.from_dict({**legacy, "n_images": 4}).origin == "calibration"
+    with pytest.raises(InputError, match="origin 'guess'"):
+        Thresholds.from_dict({**legacy, "origin": "guess"})
+
+
 def test_the_cli_calibration_equals_the_library_function(synthetic_root, tmp_path, capsys):
     from clipfusion.cli import main
     from clipfusion.detector import CLIPFusion
