@@ -14,6 +14,7 @@ from clipfusion.cli.options import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
+    check_weights,
     err,
     read_fitted,
     say,
@@ -22,6 +23,7 @@ from clipfusion.cli.options import (
     weights_dir,
 )
 from clipfusion.errors import ConfigError
+from clipfusion.provenance import random_weights_banner
 
 #: lines of unreadable or failed inputs printed before "… and N more (see skipped.csv)"
 SHOWN = 10
@@ -43,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.quantile is not None:
         raise ConfigError("--quantile needs --calibrate, which does not run on --engine ray")
-    read_fitted(args)  # refuses --object, --refs, --preset … in one line before Ray starts
+    fitted = read_fitted(args)  # refuses --object, --refs, --preset … in one line before Ray starts
+    check_weights(fitted.config, args)
+    banner = random_weights_banner(fitted.config)
+    if banner:  # as the local engine says it, before any score is shown
+        warn(banner)
     thresholds = None
     if args.thresholds is not None:
         thresholds = Thresholds.load(check_input_file(args.thresholds, "--thresholds"))

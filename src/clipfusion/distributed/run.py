@@ -11,7 +11,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ MAX_TASK_RETRIES = 3
 #: that blocks of several batches keep the driver's bookkeeping small
 MAX_BLOCKS = 20_000
 #: the per-image files of a distributed run, named by pattern in its manifest instead of listed one by one
-PATTERNS = ("maps/*.npy", "overlays/*.png", "masks/*.png", f"{rec.PARTS}/*.parquet")
+PATTERNS = ("maps/**/*.npy", "overlays/**/*.png", "masks/**/*.png", f"{rec.PARTS}/*.parquet")
 ACTOR_PREFIX = "clipfusion-predict"
 
 
@@ -365,7 +365,7 @@ def predict(
     image_t = threshold if threshold is not None else (chosen.image if chosen else None)
     pixel_t = pixel_threshold if pixel_threshold is not None else (chosen.pixel if chosen else None)
     if chosen is not None:
-        chosen = replace(chosen, image=image_t, pixel=pixel_t)
+        chosen = chosen.with_values(image_t, pixel_t)
     masks = pixel_t is not None
     weights = weights_kind(config)
     png_text = {"clipfusion-weights": WEIGHTS_NOTE[weights]}
@@ -381,7 +381,7 @@ def predict(
     }
     folder = RunFolder(out, overwrite=overwrite, resume=resume)
     folder.check(run)
-    table = with_output_names(resolve_inputs(inputs), masks=masks)
+    table = with_output_names(resolve_inputs(inputs, exclude=[out]), masks=masks)
     batch = batch_size or _default_batch_size(config)
 
     ray = require_ray()
