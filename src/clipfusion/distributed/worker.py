@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipfusion.errors import one_line
+from clipfusion.files import private_temp_dir
 from clipfusion.thresholds import pixel_mask
 
 #: the record of one image, as the workers return it (and the driver stores it for --resume)
@@ -127,7 +127,7 @@ class ScoreBatch:
             import ray
 
             fitted_files = ray.get(fitted_files[0])
-        folder = tempfile.mkdtemp(prefix="clipfusion-fitted-")
+        folder = str(private_temp_dir("clipfusion-fitted-"))  # and the folders of killed workers go
         try:
             for name, payload in fitted_files.items():
                 Path(folder, name).write_bytes(payload)
