@@ -248,10 +248,14 @@ def read_fitted(args: argparse.Namespace) -> FittedRecord:
 
 
 def check_weights(config: CLIPFusionConfig, args: argparse.Namespace) -> None:
-    """Before any image is checked or model loaded: pretrained weights that are neither on this machine nor
-    downloadable fail the command at once (not after the hub client's retries)."""
+    """Before any image is checked or model loaded: a device or dtype this machine cannot run, then
+    pretrained weights that are neither on this machine nor downloadable, fail the command at once (not
+    after the hub client's retries)."""
     from clipfusion.models.weights import check_available
+    from clipfusion.runtime import resolve_placement
 
+    device = getattr(args, "device", None)
+    resolve_placement(config.replace(device=device) if device else config)
     check_available(config, weights_dir(args))
 
 
