@@ -3,6 +3,7 @@ another configuration."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,15 @@ def test_calibrate_uses_the_detectors_predictions(synthetic_root):
     assert thresholds.pixel == pytest.approx(float(np.quantile([r.anomaly_map.max() for r in results], 0.9)))
     assert thresholds.n_images == len(normals) and thresholds.files == tuple(map(str, normals))
     assert thresholds.config == det.config.to_dict() and thresholds.object_name == "woven fabric"
+
+
+def test_calibration_files_are_recorded_as_the_references_are_absolute(synthetic_root, monkeypatch):
+    monkeypatch.chdir(synthetic_root / "woven_fabric")
+    det = fake_detector().fit("woven fabric", [sorted(Path("train/good").glob("*.png"))[0]])
+    normals = sorted(Path("test/good").glob("*.png"))[:2]
+    thresholds = calibrate(det, [str(p) for p in normals], quantile=0.9)
+    assert thresholds.files == tuple(str(Path.cwd() / p) for p in normals)
+    assert all(Path(r).is_absolute() for r in thresholds.references)
 
 
 def test_save_load_round_trip_and_configuration_check(tmp_path):

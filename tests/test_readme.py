@@ -70,3 +70,13 @@ def test_the_quick_start_says_what_the_first_install_costs():
         in quick
     )
     assert "12 minutes" in quick
+
+
+def test_make_demo_installs_what_the_demo_needs_and_the_readme_says_the_sizes_and_chromium():
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    demo_stamp = makefile.split("$(DEMO_STAMP): pyproject.toml")[1].split("\n\n")[0]
+    assert "-e ." in demo_stamp and "[test]" not in demo_stamp  # not anomalib, Lightning, Ray, Playwright
+    assert "demo: $(DEMO_STAMP)" in makefile and "test: $(STAMP)" in makefile
+    quick = README.read_text(encoding="utf-8").split("## Quick start")[1].split("\n## ")[0]
+    assert "6.3 GB" in quick and "7.5 GB" in quick  # the .venv each target makes
+    assert "apt-get install chromium" in quick and "CLIPFUSION_CHROMIUM" in quick

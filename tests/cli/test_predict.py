@@ -126,7 +126,8 @@ def test_predict_reports_every_bad_input_at_once_without_traceback(small_root, t
 
 
 def test_ray_options_need_the_ray_engine(tmp_path, capsys):
-    for extra in (["--workers", "2"], ["--resume"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
+    # (--resume is not among them: a local run resumes too)
+    for extra in (["--workers", "2"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
         argv = ["predict", str(tmp_path), "--object", "cap", "--preset", "tiny", "--out", str(tmp_path / "o")]
         assert main(argv + extra) == 2
         assert f"{extra[0]}: only with --engine ray" in capsys.readouterr().err
