@@ -3,6 +3,7 @@ another configuration."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,15 @@ def test_calibrate_uses_the_detectors_predictions(synthetic_root):
     assert thresholds.config == det.config.to_dict() and thresholds.object_name == "woven fabric"
 
 
+def test_calibration_files_are_recorded_as_the_references_are_absolute(synthetic_root, monkeypatch):
+    monkeypatch.chdir(synthetic_root / "woven_fabric")
+    det = fake_detector().fit("woven fabric", [sorted(Path("train/good").glob("*.png"))[0]])
+    normals = sorted(Path("test/good").glob("*.png"))[:2]
+    thresholds = calibrate(det, [str(p) for p in normals], quantile=0.9)
+    assert thresholds.files == tuple(str(Path.cwd() / p) for p in normals)
+    assert all(Path(r).is_absolute() for r in thresholds.references)
+
+
 def test_save_load_round_trip_and_configuration_check(tmp_path):
     det = fake_detector()
     thresholds = Thresholds(
@@ -53,6 +63,40 @@ def test_save_load_round_trip_and_configuration_check(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(InputError, match="broken.json: not valid JSON"):
         Thresholds.load(tmp_path / "broken.json")
+
+
+def test_values_set_by_hand_never_claim_the_calibration_and_keep_what_was_not_moved(tmp_path):
+    calibrated = Thresholds(0.41, 0.3415, 0.99, 20, ("/n/a.png", "/n/b.png"), "bottle", ("/r.png",), {"k": 1})
+    moved = calibrated.with_values(0.5, 0.3415)
+    data = moved.to_dict()
+    assert (data["image"], data["pixel"]) == (0.5, 0.3415)  # the pixel value as calibrated, exactly
+    assert data["origin"] == "set by hand" and data["set_by_hand"] == ["image"]
+    assert data["set_from"] == {
+        "image": 0.41,
+        "pixel": 0.3415,
+        "quantile": 0.99,
+        "n_images": 20,
+        "files": ["/n/a.png", "/n/b.png"],
+    }
+    assert not {"quantile", "n_images", "files"} & set(data)  # no calibration beside values it did not make
+    assert Thresholds.load(moved.save(tmp_path / "t.json")) == moved
+    assert moved.calibration() == calibrated and moved.with_values(0.41, 0.3415) == calibrated
+    assert (
+        calibrated.to_dict()["origin"] == "calibration" and calibrated.with_values(0.41, 0.3415) is calibrated
+    )
+    # a second move starts from the same calibration, not from the first move
+    again = moved.with_values(0.5, 0.2)
+    assert again.by_hand == ("image", "pixel") and again.calibrated == (0.41, 0.3415)
+    # no calibration at all: both values by hand, no quantile
+    det = fake_detector().fit("bottle", [])
+    bare = Thresholds.hand_set(0.5, 0.25, det).to_dict()
+    assert bare["origin"] == "set by hand" and bare["set_from"] is None and "quantile" not in bare
+    # files written before thresholds said where they came from still load, and say it now
+    legacy = {"format": 1, "image": 0.5, "pixel": 0.2, "quantile": 0.99, "n_images": 0, "files": []}
+    assert Thresholds.from_dict(legacy).origin == "set by hand"
+    assert Thresholds.from_dict({**legacy, "n_images": 4}).origin == "calibration"
+    with pytest.raises(InputError, match="origin 'guess'"):
+        Thresholds.from_dict({**legacy, "origin": "guess"})
 
 
 def test_the_cli_calibration_equals_the_library_function(synthetic_root, tmp_path, capsys):

@@ -73,3 +73,28 @@ def test_sha256_and_paths_told_from_names(tmp_path):
         "model.safetensors"
     )
     assert not looks_like_path("laion400m_e31", (".safetensors", ".pt"))
+
+
+def test_a_private_temp_dir_removes_what_killed_processes_of_this_host_left(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from clipfusion.files import private_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    left = tmp_path / f"clipfusion-fitted-{int(dead.stdout)}-abcd-{host}"  # a worker killed mid-load
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "detector.json").write_text("{}")
+    running = tmp_path / f"clipfusion-fitted-{os.getpid()}-beef-{host}"
+    running.mkdir()
+    elsewhere = tmp_path / f"clipfusion-fitted-{int(dead.stdout)}-cafe-another-host"
+    elsewhere.mkdir()
+    new = private_temp_dir("clipfusion-fitted-")
+    assert new.is_dir() and new.name.startswith(f"clipfusion-fitted-{os.getpid()}-")
+    assert not left.exists() and running.is_dir() and elsewhere.is_dir()

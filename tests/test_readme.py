@@ -89,3 +89,13 @@ def test_the_many_products_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert len(scope["line"].models) == 1 and scope["cable"].object_name == "cable"
     assert (tmp_path / "refit" / "bottle" / "detector.json").is_file()
+
+
+def test_make_demo_installs_what_the_demo_needs_and_the_readme_says_the_sizes_and_chromium():
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    demo_stamp = makefile.split("$(DEMO_STAMP): pyproject.toml")[1].split("\n\n")[0]
+    assert "-e ." in demo_stamp and "[test]" not in demo_stamp  # not anomalib, Lightning, Ray, Playwright
+    assert "demo: $(DEMO_STAMP)" in makefile and "test: $(STAMP)" in makefile
+    quick = README.read_text(encoding="utf-8").split("## Quick start")[1].split("\n## ")[0]
+    assert "6.3 GB" in quick and "7.5 GB" in quick  # the .venv each target makes
+    assert "apt-get install chromium" in quick and "CLIPFUSION_CHROMIUM" in quick

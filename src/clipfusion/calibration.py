@@ -78,8 +78,9 @@ def calibrate(
 
 
 def _image_name(item: object, index: int) -> str:
-    # paths are recorded as given; in-memory images by their position
-    return str(item) if isinstance(item, str | Path) else f"<image {index}>"
+    # paths absolute, as the references are recorded (one style in a thresholds file); in-memory images by
+    # their position
+    return reference_names([str(item)])[0] if isinstance(item, str | Path) else f"<image {index}>"
 
 
 __all__ = ["DEFAULT_QUANTILE", "Thresholds", "calibrate", "check_thresholds_for", "thresholds_from_results"]

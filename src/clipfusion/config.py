@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Self
 
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ConfigError, did_you_mean
 
 PRESETS = ("paper", "tiny", "random-full")
 
@@ -327,7 +327,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         known = ", ".join(sorted(names))
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {known}")
+        hint = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; {hint}known: {known}")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
@@ -379,14 +380,35 @@ def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     for key, value in overrides.items():
         parts = key.split(".")
         target, known = data, names
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if not isinstance(known.get(part), dict):
-                raise ConfigError(f"unknown option {key!r}")
+                raise _unknown_option(key, names, parts[:depth])
             target, known = target.setdefault(part, {}), known[part]
         if parts[-1] not in known or isinstance(known[parts[-1]], dict):
-            raise ConfigError(f"unknown option {key!r}")
+            raise _unknown_option(key, names, parts[:-1])
         target[parts[-1]] = list(value) if isinstance(value, tuple) else value
     return from_dict(type(config), data)
+
+
+def _dotted(names: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every option a ``--set`` key can name (``alpha_map``, ``clip.patch_mode`` …)."""
+    out = []
+    for name, inner in names.items():
+        out += _dotted(inner, f"{prefix}{name}.") if isinstance(inner, dict) else [f"{prefix}{name}"]
+    return out
+
+
+def _unknown_option(key: str, names: dict[str, Any], section: list[str]) -> ConfigError:
+    """One line: the closest options to a mistyped key, then the options of the section it names."""
+    level = names
+    for part in section:
+        level = level[part]
+    prefix = "".join(f"{p}." for p in section)
+    here = [f"{prefix}{n}" + (".*" if isinstance(v, dict) else "") for n, v in level.items()]
+    where = f"{prefix[:-1]} options" if section else "options"
+    return ConfigError(
+        f"unknown option {key!r}; {did_you_mean(key, _dotted(names))}{where}: {', '.join(here)}"
+    )
 
 
 def _field_names(cls: type) -> dict[str, Any]:
@@ -423,7 +445,9 @@ def parse_overrides(items: Iterable[str], option: str = "--set") -> dict[str, An
 
 def preset_path(name: str) -> Path:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown preset {name!r}; {did_you_mean(name, PRESETS)}choose one of {', '.join(PRESETS)}"
+        )
     return Path(str(resources.files("clipfusion") / "presets" / f"{name}.toml"))
 
 

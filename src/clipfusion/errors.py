@@ -6,6 +6,8 @@ one line that names the file or option at fault, so that a user can act on it wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ClipfusionError(Exception):
     """Base class: an expected failure whose message is meant for the user."""
@@ -33,6 +35,19 @@ class InputErrors(InputError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"did you mean 'paper'? "`` for the choices closest to a mistyped ``name`` (case and ``-``/``_``
+    forgiven), or ``""``: the start of a hint that then lists what exists."""
+    import difflib
+
+    options = list(dict.fromkeys(choices))
+    folded = {c.lower().replace("-", "_"): c for c in options}
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), list(folded), n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return "did you mean " + " or ".join(repr(folded[c]) for c in close) + "? "
 
 
 def first_line(exc: BaseException, default: str = "no detail") -> str:

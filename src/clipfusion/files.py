@@ -106,11 +106,47 @@ def looks_like_path(value: str, suffixes: Iterable[str] = ()) -> bool:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def private_temp_dir(prefix: str) -> Path:
+    """A new folder in the system's temporary folder, named ``{prefix}{pid}-{random}-{host}``, after
+    removing the folders of the same prefix that processes of this host left behind and that no longer
+    run: a process killed with SIGKILL (a Ray worker killed mid-load) cannot clean up after itself, so the
+    next one does. Folders of other hosts (a shared ``/tmp``), other users and running processes stay."""
+    import shutil
+    import socket
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    host = socket.gethostname()
+    for old in root.glob(f"{prefix}*"):
+        pid, _, rest = old.name[len(prefix) :].partition("-")
+        _, _, owner = rest.partition("-")
+        try:
+            mine = old.is_dir() and not old.is_symlink() and old.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and owner == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}-{host}"
+    path.mkdir(mode=0o700)
+    return path
+
+
 __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
     "looks_like_path",
+    "private_temp_dir",
     "read_json",
     "sha256_file",
 ]

@@ -204,7 +204,8 @@ def write(
 
     Every file is written atomically and ``detector.json``, which holds the others' sha256, last: a save
     that is interrupted leaves a folder that reading refuses, never one that loads wrongly. An existing
-    fitted folder is replaced; any other non-empty folder is refused. Thresholds made for another
+    fitted folder is replaced, its thresholds too when none are given (``clipfusion fit`` asks for
+    ``--overwrite`` first); any other non-empty folder is refused. Thresholds made for another
     configuration or object are refused before anything is written.
     """
     from safetensors.torch import save as safetensors_bytes
@@ -361,6 +362,27 @@ def parse_fitted(specs: Iterable[str | Path]) -> dict[str, Path]:
     return named
 
 
+def describe_existing(directory: str | Path) -> str:
+    """What a fitted folder already holds, in a few words (``"'bottle cap', 2-shot, calibrated thresholds
+    from 20 images, 2025-06-01T10:00:00Z"``), or ``""`` when it holds none: what replacing it would lose."""
+    path = Path(directory) / DETECTOR_FILE
+    if not path.is_file():
+        return ""
+    try:
+        record = read_json(path, "fitted detector record")
+        shots = int(record.get("shots", 0))
+        parts = [repr(str(record.get("object_name"))), f"{shots}-shot" if shots else "zero-shot"]
+        if record.get("thresholds"):
+            thresholds = Thresholds.load(Path(directory) / str(record["thresholds"]))
+            made = f"calibrated on {thresholds.n_images} images" if not thresholds.by_hand else "set by hand"
+            parts.append(f"thresholds {made}")
+        if record.get("created"):
+            parts.append(f"saved {record['created']}")
+    except (InputError, AttributeError, TypeError, ValueError):
+        return "unreadable record"
+    return ", ".join(parts)
+
+
 # -------------------------------------------------------------------------------------------------------
 # the detector's own methods, under the names this module had before the detector assembled itself
 
@@ -370,7 +392,9 @@ class _Saves(Protocol):
 
 
 def save(detector: _Saves, directory: str | Path, thresholds: Thresholds | None = None) -> Path:
-    """``detector.save(directory, thresholds)``."""
+    """``detector.save(directory, thresholds)``: a new or empty folder, or an existing fitted detector,
+    which is replaced (its thresholds too when none are given). ``clipfusion fit`` asks for ``--overwrite``
+    before it replaces one."""
     return detector.save(directory, thresholds)
 
 
@@ -387,6 +411,7 @@ __all__ = [
     "FittedBranch",
     "FittedRecord",
     "branch_file",
+    "describe_existing",
     "load",
     "parse_fitted",
     "read",

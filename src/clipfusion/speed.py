@@ -89,7 +89,8 @@ def measure(
 ) -> dict[str, Any]:
     """Latency per stage and per image at batch 1 (medians of ``repeats`` after a warm-up), images per
     second at ``batch_size`` (median of ``repeats`` batches after a warm-up batch), and the peak memory of
-    the inference (resident set since the measurement started; CUDA: the allocator's peak)."""
+    the inference (resident set since the measurement started; CUDA: the allocator's peak), also at batch 1
+    alone (``peak_rss_batch1_gb``: the throughput batch holds ``batch_size`` times the activations)."""
     say = progress or (lambda _message: None)
     devices = {getattr(b, "device", torch.device("cpu")) for b in detector.branches}
     cuda = next((d for d in devices if isinstance(d, torch.device) and d.type == "cuda"), None)
@@ -106,6 +107,8 @@ def measure(
         image = images[i % len(images)]
         stage_runs.append(stage_seconds(detector, image))
         totals.append(_timed(lambda image=image: detector.predict([image], batch_size=1), sync_device)[0])
+    # the peak of batch 1 alone, before the throughput batch (a larger batch holds larger activations)
+    at_batch_1 = process_memory()
     batch = [images[i % len(images)] for i in range(batch_size)]
     say(f"batch {batch_size}, warm-up")
     detector.predict(batch, batch_size=batch_size)
@@ -120,6 +123,7 @@ def measure(
         "batch_size": batch_size,
         "images_per_s": batch_size / statistics.median(batch_times),
         "peak_rss_gb": memory.get("peak_rss", 0) / 1e9 if reset else None,
+        "peak_rss_batch1_gb": at_batch_1.get("peak_rss", 0) / 1e9 if reset else None,
         "peak_rss_before_gb": before.get("peak_rss", 0) / 1e9,
         "rss_gb": memory.get("rss", 0) / 1e9,
         "repeats": repeats,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -40,40 +40,127 @@ def pixel_mask(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     return anomaly_map > threshold
 
 
+#: where a thresholds value came from, as ``thresholds.json`` says it
+CALIBRATION, BY_HAND = "calibration", "set by hand"
+_VALUES = ("image", "pixel")
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """An image threshold (on scores) and a pixel threshold (on fused maps), and where they came from."""
+    """An image threshold (on scores) and a pixel threshold (on fused maps), and where they came from.
+
+    Calibrated values (:func:`clipfusion.calibration.calibrate`) carry their calibration: ``quantile``,
+    ``n_images`` and ``files``. Values set by hand (a slider of the inspector page, ``--threshold``) name
+    themselves in ``by_hand`` and keep, in ``calibrated``, the calibrated ``(image, pixel)`` they replaced
+    (``quantile``, ``n_images`` and ``files`` then describe that calibration), or None when there was none:
+    a thresholds file never claims a calibration that did not produce its values.
+    """
 
     image: float
     pixel: float
-    quantile: float = DEFAULT_QUANTILE
+    quantile: float | None = DEFAULT_QUANTILE
     n_images: int = 0
     files: tuple[str, ...] = ()
     object_name: str | None = None
     references: tuple[str, ...] = ()
     config: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the values set by hand ("image", "pixel"); empty: both come from the calibration
+    by_hand: tuple[str, ...] = ()
+    #: the calibrated (image, pixel) that values set by hand replaced; None: no calibration behind them
+    calibrated: tuple[float, float] | None = None
+
+    @property
+    def origin(self) -> str:
+        """``"calibration"`` or ``"set by hand"`` (some value at least)."""
+        return BY_HAND if self.by_hand else CALIBRATION
+
+    @classmethod
+    def hand_set(cls, image: float, pixel: float, fit: FittedView) -> Thresholds:
+        """Thresholds set by hand for a fit that has no calibration: no quantile, no calibration images."""
+        return cls(
+            image=float(image),
+            pixel=float(pixel),
+            quantile=None,
+            n_images=0,
+            object_name=fit.object_name,
+            references=reference_names(fit.references),
+            config=fit.config.to_dict(),
+            by_hand=_VALUES,
+        )
+
+    def calibration(self) -> Thresholds | None:
+        """The calibrated thresholds behind these (themselves when nothing was set by hand), or None."""
+        if not self.by_hand:
+            return self
+        if self.calibrated is None:
+            return None
+        return replace(self, image=self.calibrated[0], pixel=self.calibrated[1], by_hand=(), calibrated=None)
+
+    def with_values(self, image: float, pixel: float) -> Thresholds:
+        """These thresholds with ``image`` and ``pixel`` instead: a value that differs from the calibrated
+        one is recorded as set by hand, beside the calibrated values; one left as calibrated stays exactly
+        that (moving one slider never changes the other value). The calibrated values themselves give back
+        the calibration."""
+        image, pixel = float(image), float(pixel)
+        base = self.calibration()
+        if base is None:
+            return replace(self, image=image, pixel=pixel, by_hand=_VALUES, calibrated=None)
+        hand = tuple(
+            n
+            for n, new, old in zip(_VALUES, (image, pixel), (base.image, base.pixel), strict=True)
+            if new != old
+        )
+        if not hand:
+            return base
+        return replace(base, image=image, pixel=pixel, by_hand=hand, calibrated=(base.image, base.pixel))
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["files"], data["references"] = list(self.files), list(self.references)
-        return {"format": THRESHOLDS_FORMAT, **data}
+        data: dict[str, Any] = {"format": THRESHOLDS_FORMAT, "image": self.image, "pixel": self.pixel}
+        calibration = {"quantile": self.quantile, "n_images": self.n_images, "files": list(self.files)}
+        if not self.by_hand:
+            data.update(origin=CALIBRATION, **calibration)
+        else:
+            data.update(origin=BY_HAND, set_by_hand=list(self.by_hand), set_from=None)
+            if self.calibrated is not None:
+                data["set_from"] = {"image": self.calibrated[0], "pixel": self.calibrated[1], **calibration}
+        data.update(object_name=self.object_name, references=list(self.references), config=self.config)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "thresholds") -> Thresholds:
         if not isinstance(data, dict) or data.get("format") != THRESHOLDS_FORMAT:
             raise InputError(f"{where}: not a clipfusion thresholds file (format {THRESHOLDS_FORMAT})")
         try:
+            origin = data.get("origin")
+            legacy = origin is None  # written before thresholds said where their values came from
+            if legacy:
+                origin = CALIBRATION if int(data.get("n_images", 0)) > 0 else BY_HAND
+            if origin not in (CALIBRATION, BY_HAND):
+                raise ValueError(f"origin {origin!r} is neither {CALIBRATION!r} nor {BY_HAND!r}")
+            by_hand: tuple[str, ...] = ()
+            calibrated = None
+            source: dict[str, Any] | None = data
+            if origin == BY_HAND:
+                by_hand = tuple(str(v) for v in data.get("set_by_hand", _VALUES))
+                if not by_hand or not set(by_hand) <= set(_VALUES):
+                    raise ValueError(f"set_by_hand must list image and/or pixel, got {list(by_hand)}")
+                source = None if legacy else data.get("set_from")
+                if source is not None:
+                    calibrated = (float(source["image"]), float(source["pixel"]))
+            quantile = source.get("quantile", DEFAULT_QUANTILE) if source is not None else None
             return cls(
                 image=float(data["image"]),
                 pixel=float(data["pixel"]),
-                quantile=float(data.get("quantile", DEFAULT_QUANTILE)),
-                n_images=int(data.get("n_images", 0)),
-                files=tuple(str(f) for f in data.get("files", ())),
+                quantile=None if quantile is None else float(quantile),
+                n_images=int(source.get("n_images", 0)) if source is not None else 0,
+                files=tuple(str(f) for f in source.get("files", ())) if source is not None else (),
                 object_name=data.get("object_name"),
                 references=tuple(str(f) for f in data.get("references", ())),
                 config=dict(data.get("config", {})),
+                by_hand=by_hand,
+                calibrated=calibrated,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{where}: malformed thresholds ({type(exc).__name__}: {exc})") from exc
 
     def to_json(self) -> str:
@@ -153,6 +240,8 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 __all__ = [
+    "BY_HAND",
+    "CALIBRATION",
     "DEFAULT_QUANTILE",
     "THRESHOLDS_FORMAT",
     "Decision",

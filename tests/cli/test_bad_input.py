@@ -130,6 +130,12 @@ def test_bad_references_are_reported_too(tmp_path, capsys):
     ("argv", "expected"),
     [
         (["--preset", "fastest"], "unknown preset 'fastest'"),
+        (["--preset", "papr"], "unknown preset 'papr'; did you mean 'paper'? choose one of paper, tiny"),
+        (
+            ["--set", "alpha_mapp=0.3"],
+            "unknown option 'alpha_mapp'; did you mean 'alpha_map'? options: clip.*",
+        ),
+        (["--set", "clip.patchmode=crops"], "did you mean 'clip.patch_mode' or 'clip.model'? clip options: "),
         (["--set", "alpha_map=2"], "alpha_map must lie in [0, 1]"),
         (["--set", "clip.patch_mode=pixels"], "clip.patch_mode must be one of tokens, crops, windows"),
         (["--set", "nonsense"], "expected KEY=VALUE"),
@@ -165,7 +171,7 @@ def _mvtec(root, category="bottle"):
 @pytest.mark.parametrize(
     ("setup", "argv", "expected"),
     [
-        (lambda r: r, ["--category", "bottel"], "unknown MVTec AD category 'bottel'"),
+        (lambda r: r, ["--category", "bottel"], "unknown MVTec AD category 'bottel'; did you mean 'bottle'?"),
         (lambda r: r, ["--category", "bottle", "--shots", "5"], "5 references asked for"),
         (lambda r: r / "bottle", ["--category", "bottle"], "train/good"),
         (
@@ -288,3 +294,15 @@ def test_a_root_that_is_not_the_claimed_layout_is_said_once(tmp_path, capsys):
         assert len([line for line in err.splitlines() if "error:" in line]) == 1, err  # not per category
         assert f"not {'an MVTec AD' if dataset == 'mvtec' else 'a VisA'} root" in err
         assert "found: a.png, b.png, notes/" in err
+
+
+def test_an_unknown_product_of_a_folder_data_set_names_the_closest_and_every_product(tmp_path, capsys):
+    root = _mvtec(_mvtec(tmp_path / "mine", "bottle_cap"), "metal_plate")
+    argv = ["evaluate", "--dataset", "folder", "--root", str(root), "--category", "bottle_cp", "metal_plate"]
+    assert main([*argv, "--preset", "tiny", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{root}: no product folder 'bottle_cp' (with train/ or test/); did you mean 'bottle_cap'? products "
+        "found: bottle_cap, metal_plate"
+    ) in err
+    assert err.count("clipfusion: error:") == 1 and not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ def test_demo_runs_offline_and_labels_every_output(tmp_path, capsys, monkeypatch
     assert manifest["weights"] == "random" and "pipeline demonstration" in manifest["weights_note"]
     config = json.loads((demo / "report" / "config.json").read_text())
     assert config["clip"]["weights"] == config["diffusion"]["weights"] == "random"
-    with Image.open(next((demo / "report" / "overlays").glob("*.png"))) as overlay:
+    with Image.open(next((demo / "report" / "overlays").rglob("*.png"))) as overlay:
         assert "pipeline demonstration" in overlay.text["clipfusion-weights"]
     # a second demo replaces the first one's report instead of refusing the folder
     assert main(["demo", "--out", str(demo), "--no-progress"]) == 0

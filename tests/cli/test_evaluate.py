@@ -135,3 +135,19 @@ def test_killed_evaluation_resumes_to_the_same_results(tmp_path, capsys):
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert f"{done_before} of 6 runs already done" in capsys.readouterr().err
     assert (out / "results.csv").read_text() == (tmp_path / "whole" / "results.csv").read_text()
+
+
+def test_ctrl_c_says_the_finished_runs_are_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    import clipfusion.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clipfusion.evaluation, "evaluate", interrupted)
+    argv = ["evaluate", "--dataset", "folder", "--root", str(tmp_path), "--preset", "tiny"]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 130
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "interrupted" in x]
+    assert line == (
+        f"clipfusion: error: interrupted: every finished run is saved in {tmp_path / 'out'}; add --resume to "
+        "continue it"
+    )

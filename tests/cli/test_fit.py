@@ -75,9 +75,10 @@ def test_fit_then_predict_fitted_equals_a_predict_that_fits(product, tmp_path, c
     assert main(argv) == 0
     a, b = _scores(tmp_path / "a"), _scores(tmp_path / "b")
     assert a == b and len(a) == 2 and {r["decision"] for r in a.values()} <= {"normal", "anomalous"}
-    for path in (tmp_path / "a" / "maps").glob("*.npy"):
-        np.testing.assert_array_equal(np.load(path), np.load(tmp_path / "b" / "maps" / path.name))
-    assert len(list((tmp_path / "a" / "masks").glob("*.png"))) == 2  # pixel threshold from the fitted folder
+    for path in (tmp_path / "a" / "maps").rglob("*.npy"):
+        twin = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        np.testing.assert_array_equal(np.load(path), np.load(twin))
+    assert len(list((tmp_path / "a" / "masks").rglob("*.png"))) == 2  # pixel threshold from the fitted folder
     assert json.loads((tmp_path / "a" / "config.json").read_text())["preset"] == "tiny"
 
 
@@ -111,3 +112,21 @@ def test_fit_refuses_a_non_empty_foreign_output_folder_before_loading(product, t
     assert main(argv) == 2
     assert "is not empty and holds no fitted detector" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_fit_refuses_an_existing_fitted_folder_unless_overwrite_and_says_what_goes(product, tmp_path, capsys):
+    out = tmp_path / "fitted"
+    argv = ["fit", "--object", "cap", "--refs", str(product["refs"]), "--preset", "tiny", "--no-progress"]
+    assert main([*argv, "--calibrate", str(product["calib"]), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a fitted detector ('cap', 1-shot, thresholds calibrated on 1 images" in err
+    assert "add --overwrite to replace it" in err and "loading" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, thresholds.json included
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    said = capsys.readouterr().err
+    assert f"replacing the fitted detector in {out}: 'cap', 1-shot" in said
+    assert "its calibrated thresholds go: this fit has none" in said
+    assert not (out / "thresholds.json").exists()

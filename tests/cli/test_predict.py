@@ -56,14 +56,22 @@ def test_predict_on_a_folder_writes_scores_overlays_maps_and_report(small_root, 
     for column in ("overlay", "map", "mask"):
         assert len({r[column] for r in rows}) == n and all((out / r[column]).is_file() for r in rows)
     assert {r["weights"] for r in rows} == {"random"}
-    assert len(list((out / "overlays").glob("*.png"))) == n
-    assert len(list((out / "masks").glob("*.png"))) == n
-    maps = sorted((out / "maps").glob("*.npy"))
+    # the output names mirror the inputs' folders (test/good/000.png → overlays/good/000.png), no "_2"
+    for r in rows:
+        rel = Path(r["path"]).relative_to(test_dir).with_suffix("")
+        assert (r["overlay"], r["map"], r["mask"]) == (
+            f"overlays/{rel}.png",
+            f"maps/{rel}.npy",
+            f"masks/{rel}.png",
+        )
+    assert len(list((out / "overlays").rglob("*.png"))) == n
+    assert len(list((out / "masks").rglob("*.png"))) == n
+    maps = sorted((out / "maps").rglob("*.npy"))
     assert len(maps) == n and np.load(maps[0]).dtype == np.float32
     page = (out / "report.html").read_text()
     assert page.count("class='card'") == n and "PIPELINE DEMONSTRATION" in page
     assert json.loads((out / "config.json").read_text())["preset"] == "tiny"
-    with Image.open(next((out / "overlays").glob("*.png"))) as overlay:
+    with Image.open(next((out / "overlays").rglob("*.png"))) as overlay:
         assert overlay.size == (128, 128)
 
 
@@ -118,7 +126,8 @@ def test_predict_reports_every_bad_input_at_once_without_traceback(small_root, t
 
 
 def test_ray_options_need_the_ray_engine(tmp_path, capsys):
-    for extra in (["--workers", "2"], ["--resume"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
+    # (--resume is not among them: a local run resumes too)
+    for extra in (["--workers", "2"], ["--address", "auto"], ["--gpus-per-worker", "1"]):
         argv = ["predict", str(tmp_path), "--object", "cap", "--preset", "tiny", "--out", str(tmp_path / "o")]
         assert main(argv + extra) == 2
         assert f"{extra[0]}: only with --engine ray" in capsys.readouterr().err
@@ -159,10 +168,10 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_overwritten(small_r
     assert main(_predict_args(small_root, out, images=one_image)) == 2
     err = capsys.readouterr().err
     assert "holds an earlier clipfusion run" in err and "--overwrite" in err and "Traceback" not in err
-    assert len(list((out / "overlays").glob("*.png"))) > 1  # untouched
+    assert len(list((out / "overlays").rglob("*.png"))) > 1  # untouched
     assert main(_predict_args(small_root, out, "--overwrite", images=one_image)) == 0
     # the earlier run's files are gone, the user's file is not: nothing stale mixes with the new scores
-    assert len(list((out / "overlays").glob("*.png"))) == len(list((out / "maps").glob("*.npy"))) == 1
+    assert len(list((out / "overlays").rglob("*.png"))) == len(list((out / "maps").rglob("*.npy"))) == 1
     assert (out / "notes.txt").read_text() == "mine"
     with (out / "scores.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 1
@@ -209,6 +218,8 @@ def test_missing_weights_name_the_three_ways_out(small_root, tmp_path, capsys):
     for way in ("clipfusion weights fetch", "--weights-dir DIR", "--preset tiny"):
         assert way in err, way
     assert "Traceback" not in err
+    # found out before any image is checked or model loaded, not after the hub client gives up
+    assert "loading the models" not in err and "not on this machine (missing clip" in err
 
 
 def test_calibrated_thresholds_are_saved_and_reused(small_root, tmp_path, capsys):
@@ -221,6 +232,19 @@ def test_calibrated_thresholds_are_saved_and_reused(small_root, tmp_path, capsys
     saved = json.loads((first / "thresholds.json").read_text())
     assert saved["quantile"] == 0.9 and saved["n_images"] == 2 and saved["object_name"] == "bottle cap"
     assert saved["config"]["preset"] == "tiny" and len(saved["files"]) == 2
+    # one style of path in the file: the calibration images absolute, as the references
+    assert saved["origin"] == "calibration"
+    assert all(Path(f).is_absolute() for f in saved["files"] + saved["references"])
+    # an image threshold given by hand: the file says so, and keeps the calibrated pixel value as it was
+    hand = tmp_path / "hand"
+    argv = _predict_args(
+        small_root, hand, "--calibrate", str(calib), "--quantile", "0.9", "--threshold", "0.5"
+    )
+    assert main(argv) == 0
+    by_hand = json.loads((hand / "thresholds.json").read_text())
+    assert by_hand["origin"] == "set by hand" and by_hand["set_by_hand"] == ["image"]
+    assert by_hand["image"] == 0.5 and by_hand["pixel"] == saved["pixel"] and "quantile" not in by_hand
+    assert by_hand["set_from"]["image"] == saved["image"] and by_hand["set_from"]["quantile"] == 0.9
     # reused: the same decisions without the calibration images
     second = tmp_path / "second"
     assert main(_predict_args(small_root, second, "--thresholds", str(first / "thresholds.json"))) == 0
@@ -236,7 +260,31 @@ def test_calibrated_thresholds_are_saved_and_reused(small_root, tmp_path, capsys
     other = _predict_args(small_root, tmp_path / "fourth", "--thresholds", str(first / "thresholds.json"))
     other[other.index("--refs") + 1] = str(refs[3])
     assert main(other) == 2
-    assert "calibrated with other reference images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "calibrated with other reference images" in err
+    assert "loading the models" not in err  # refused before any model loads
+    other = _predict_args(small_root, tmp_path / "fifth", "--thresholds", str(first / "thresholds.json"))
+    other[other.index("--object") + 1] = "metal nut"
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert (
+        "calibrated for the object 'bottle cap', not 'metal nut'" in err and "loading the models" not in err
+    )
+
+
+def test_calibrating_on_the_references_themselves_is_refused_naming_the_overlap(small_root, tmp_path, capsys):
+    good = small_root / "bottle_cap/train/good"
+    refs = sorted(good.iterdir())
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "copy.png").write_bytes(refs[0].read_bytes())  # the same image under another name
+    (calib / "other.png").write_bytes(refs[3].read_bytes())
+    for calibration, shown in ((good, f"{refs[0]}"), (calib, f"{calib / 'copy.png'} = {refs[0]}")):
+        argv = _predict_args(small_root, tmp_path / "o", "--calibrate", str(calibration))
+        assert main(argv) == 2
+        [line] = [x for x in capsys.readouterr().err.splitlines() if "--calibrate" in x]
+        assert "calibration images are references too" in line and shown in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_phase_says_what_it_does_and_verbosity_is_chosen(small_root, tmp_path, capsys):
@@ -272,3 +320,117 @@ def test_every_phase_says_what_it_does_and_verbosity_is_chosen(small_root, tmp_p
     # -v: debug lines on the console too
     assert main(_predict_args(small_root, tmp_path / "c", "-v", images=one)) == 0
     assert "debug: clipfusion.detector: fitted to 'bottle cap'" in capsys.readouterr().err
+
+
+def _photos(small_root, folder, n=3):
+    folder.mkdir()
+    for i, p in enumerate(sorted((small_root / "bottle_cap" / "test" / "good").iterdir())[:n]):
+        (folder / f"photo_{i}.png").write_bytes(p.read_bytes())
+    return folder
+
+
+def _scored(out):
+    with (out / "scores.csv").open() as fh:
+        return [row["path"] for row in csv.DictReader(fh)]
+
+
+def test_a_runs_outputs_inside_the_input_folder_are_never_read_back_as_inputs(small_root, tmp_path, capsys):
+    photos = _photos(small_root, tmp_path / "photos")
+    args = ["predict", str(photos), "--object", "cap", "--preset", "tiny", "--no-progress"]
+    assert main([*args, "--out", str(photos / "results")]) == 0
+    first = _scored(photos / "results")
+    assert len(first) == 3
+    capsys.readouterr()
+    # again into the same folder: the walk skips the folder it is about to replace, so nothing is deleted
+    # before the inputs are known and the earlier overlays are not "photos"
+    assert main([*args, "--out", str(photos / "results"), "--overwrite"]) == 0
+    assert _scored(photos / "results") == first
+    assert "left out 1 folder of clipfusion outputs" in capsys.readouterr().err
+    # into a fresh folder: the earlier run (its manifest.json) is left out too, and said so
+    assert main([*args, "--out", str(photos / "results2")]) == 0
+    assert _scored(photos / "results2") == first
+    err = capsys.readouterr().err
+    assert "left out 1 folder of clipfusion outputs" in err and str(photos / "results") in err
+    # a file named inside the folder the run replaces is refused before anything is deleted
+    overlay = next((photos / "results" / "overlays").rglob("*.png"))
+    assert main([*args[:1], str(overlay), *args[2:], "--out", str(photos / "results"), "--overwrite"]) == 2
+    assert "inside this run's output folder" in capsys.readouterr().err
+    assert overlay.is_file() and _scored(photos / "results") == first
+
+
+def test_ctrl_c_says_where_it_stopped_and_resume_finishes_the_run_as_if_never_stopped(
+    small_root, tmp_path, capsys, monkeypatch
+):
+    from clipfusion.detector import CLIPFusion
+
+    photos = _photos(small_root, tmp_path / "photos", n=5)
+    args = [
+        "predict",
+        str(photos),
+        "--object",
+        "cap",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    whole = tmp_path / "whole"
+    assert main([*args, "--out", str(whole)]) == 0
+    real, calls, stop = CLIPFusion.predict, [], [True]
+
+    def stopped_at_the_second_batch(self, images, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 2 and stop[0]:
+            raise KeyboardInterrupt
+        return real(self, images, **kwargs)
+
+    monkeypatch.setattr(CLIPFusion, "predict", stopped_at_the_second_batch)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 130
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "interrupted" in x]
+    assert line == (
+        f"clipfusion: error: interrupted (scoring 5 images): 2 of 5 images scored, kept in {out} "
+        "(manifest.json marks the run interrupted); run the same command with --resume to continue it"
+    )
+    # a re-run names the folder as the interrupted run it is
+    assert main([*args, "--out", str(out)]) == 2
+    assert "holds an interrupted clipfusion run (2 of 5 images scored" in capsys.readouterr().err
+    # another setting is refused; the same command with --resume scores only the missing batches
+    assert main([*args, "--out", str(out), "--resume", "--threshold", "0.5"]) == 2
+    assert "the earlier run used another threshold" in capsys.readouterr().err
+    calls.clear()
+    stop[0] = False
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert calls == [2, 1] and "resuming: 2 of 5 images already scored" in capsys.readouterr().err
+    mine = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    theirs = {str(p.relative_to(whole)): p.read_bytes() for p in whole.rglob("*") if p.is_file()}
+    skip = ("manifest.json", "report.html", ".clipfusion-parts/scores.jsonl")  # times, and the records
+    assert {k: v for k, v in mine.items() if k not in skip} == {
+        k: v for k, v in theirs.items() if k not in skip
+    }
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+def test_no_bar_for_work_not_asked_for_and_an_error_starts_its_own_line(
+    small_root, tmp_path, capsys, monkeypatch
+):
+    from clipfusion.outputs import report
+
+    def disk_full(array, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "save_npy", disk_full)
+    photos = _photos(small_root, tmp_path / "photos")
+    # progress bars on (the default): zero-shot has no references, so no "checking references" bar
+    assert (
+        main(["predict", str(photos), "--object", "cap", "--preset", "tiny", "--out", str(tmp_path / "o")])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "checking images" in err and "checking references" not in err and "calibration" not in err
+    assert "No space left on device" in err
+    for line in err.split("\n"):
+        if "clipfusion: error:" in line:
+            assert line.startswith("clipfusion: error:"), repr(line)

@@ -116,8 +116,8 @@ def test_a_million_listed_paths_resolve_without_a_slow_loop(tmp_path):
     table = with_output_names(resolve_inputs([tmp_path / "big.txt"]), masks=False)
     assert table.num_rows == 200_000
     maps = table.column("map")
-    assert len(set(maps.to_pylist())) == 200_000  # 1000 stems, made unique by suffixes
-    assert maps[0].as_py() == "maps/img0.npy" and maps[1000].as_py() == "maps/img0_2.npy"
+    assert len(set(maps.to_pylist())) == 200_000  # 1000 files, each listed 200 times: made unique by suffixes
+    assert maps[0].as_py() == "maps/d0/img0.npy" and maps[1000].as_py() == "maps/d0/img0_2.npy"
 
 
 def test_unique_names_equal_the_local_runs_on_colliding_stems():
@@ -127,3 +127,38 @@ def test_unique_names_equal_the_local_runs_on_colliding_stems():
     alphabet = ["a", "a_2", "a_3", "a_2_2", "b", "a.b", "x/a"]
     paths = [f"d{rng.integers(5)}/{alphabet[i]}.png" for i in rng.integers(len(alphabet), size=400)]
     assert output_stems(pa.array(paths)) == unique_stems([Path(p) for p in paths])
+
+
+def test_output_names_mirror_the_input_folders_instead_of_numbering_equal_names(tmp_path):
+    # the deepest folder holding every input is cut off; below it, the folders stay in the name
+    paths = ["/p/test/good/000.png", "/p/test/hole/000.png", "/p/test/hole/001.png", "/p/test/x.png"]
+    assert unique_stems([Path(p) for p in paths]) == ["good/000", "hole/000", "hole/001", "x"]
+    assert output_stems(pa.array(paths)) == ["good/000", "hole/000", "hole/001", "x"]
+    # one folder: the bare stems, as before; the same stem with another suffix keeps its suffix; only a
+    # file given twice is numbered
+    assert unique_stems([Path("/q/a.png"), Path("/q/b.png")]) == ["a", "b"]
+    named = ["/q/x.png", "/q/x.jpg", "/q/y.png", "/q/y.png"]
+    assert unique_stems([Path(p) for p in named]) == ["x.png", "x.jpg", "y", "y_2"]
+    # relative and dotted paths name the same files as their absolute forms
+    (tmp_path / "a").mkdir()
+    os.chdir(tmp_path)
+    assert output_stems(pa.array(["a/../a/m.png", "./a/n.png"])) == ["m", "n"]
+
+
+def test_a_walk_leaves_out_the_runs_own_folder_and_earlier_runs_as_a_local_run_does(tree):
+    out = tree / "a" / "b" / "results"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "x.png").write_bytes(b"an overlay")
+    earlier = tree / "a" / "old-run"
+    (earlier / "overlays").mkdir(parents=True)
+    (earlier / "overlays" / "x.png").write_bytes(b"an overlay")
+    (earlier / "manifest.json").write_text('{"format": 1, "complete": true, "files": []}')
+    table = resolve_inputs(["a"], exclude=[out])
+    files, problems = collect_images(["a"], exclude=[out])
+    assert not problems
+    assert table.column("path").to_pylist() == [str(f) for f in files]
+    assert not [f for f in files if "results" in f.parts or "old-run" in f.parts]
+    # naming a run's folder itself is an error, not a silent pass over its pictures
+    with pytest.raises(InputErrors, match="holds the outputs of a clipfusion run"):
+        resolve_inputs([earlier])
+    assert "holds the outputs of a clipfusion run" in collect_images([earlier])[1][0]

@@ -87,5 +87,7 @@ def test_listing_is_one_scandir(tmp_path):
     (tmp_path / "maps").mkdir()
     for name in ("a.npy", "b.npy", ".a.npy.1234.tmp"):
         (tmp_path / "maps" / name).write_bytes(b"")
-    assert rec.listing(tmp_path, "maps") == {"maps/a.npy", "maps/b.npy"}
+    (tmp_path / "maps" / "good").mkdir()
+    (tmp_path / "maps" / "good" / "c.npy").write_bytes(b"")  # output names mirror input folders
+    assert rec.listing(tmp_path, "maps") == {"maps/a.npy", "maps/b.npy", "maps/good/c.npy"}
     assert rec.listing(tmp_path, "masks") == set()

@@ -42,8 +42,11 @@ def test_resume_continues_only_a_ray_run_of_the_same_settings(tmp_path):
     assert first.open_run(run, ["scores.csv"], images=3) is False
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["engine"] == "ray" and manifest["patterns"] == list(PATTERNS) and not manifest["complete"]
-    with pytest.raises(InputError, match="holds an earlier clipfusion run"):
-        RunFolder(tmp_path / "out").check(run)  # without --resume: refused as any earlier run
+    # without --resume: refused, named as the interrupted run it is, with the way to continue it
+    with pytest.raises(
+        InputError, match=r"holds an interrupted clipfusion run \(0 of 3 images scored.*--resume"
+    ):
+        RunFolder(tmp_path / "out").check(run)
     again = RunFolder(tmp_path / "out", resume=True)
     again.check(run)
     assert again.open_run(run, ["scores.csv", "thresholds.json"], images=4) is True

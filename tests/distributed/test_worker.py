@@ -101,3 +101,21 @@ def test_the_overlay_pass_draws_on_the_given_scale_and_records_a_vanished_image(
     assert (records[0]["vmin"], records[0]["vmax"]) == (0.0, 2.0)
     with Image.open(out / "overlays" / "0.png") as drawn:
         assert drawn.size == (32, 32)
+
+
+def test_a_worker_removes_the_fit_copies_that_killed_workers_left_and_its_own(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    import pytest
+
+    from clipfusion.errors import ClipfusionError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # a worker killed while loading (pid 2**22 + 1: above any Linux pid_max) left its copy of the fit
+    left = tmp_path / f"clipfusion-fitted-{2**22 + 1}-abcd-{socket.gethostname()}"
+    left.mkdir()
+    (left / "detector.json").write_text("{}")
+    with pytest.raises(ClipfusionError, match="not a fitted clipfusion detector"):
+        ScoreBatch({"detector.json": b"{}"}, out=str(tmp_path / "out"), fitted_path="the fitted detector")
+    assert list(tmp_path.glob("clipfusion-fitted-*")) == []

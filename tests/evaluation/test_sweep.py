@@ -158,3 +158,27 @@ def test_a_results_file_that_is_not_utf8_is_one_line(stored, tmp_path):
     with pytest.raises(InputError, match=r"results.json: not valid JSON \(not UTF-8 text") as info:
         sweep(run, {"sigma": [1.0]}, plots=False, log=lambda _m: None)
     assert "\n" not in str(info.value)
+
+
+def test_an_option_that_cannot_change_any_metric_is_said_once_not_swept(stored, tmp_path):
+    # the same runs without ground-truth masks: no pixel metrics, and Eq. 9 does not read the fused map
+    bare = tmp_path / "bare"
+    (bare / "maps").mkdir(parents=True)
+    for path in sorted((stored / "maps").glob("*.npz")):
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files if k != "masks"}
+        np.savez_compressed(bare / "maps" / path.name, **arrays)
+    said = []
+    grid = {"alpha_map": [0.0, 0.25, 0.5], "sigma": [0.0, 2.0]}
+    result = sweep(bare, grid, out_dir=tmp_path / "s", plots=False, log=said.append)
+    [line] = [m for m in said if "alpha_map" in m]
+    assert line.startswith("alpha_map cannot change any metric of these runs (no ground-truth masks")
+    assert "swept at its stored value 0.25 only, not at 3 values" in line
+    assert [p for p in result.points] == [{"sigma": 0.0}, {"sigma": 2.0}]  # not 3 identical rows per sigma
+    assert "Not swept: alpha_map cannot change any metric" in (tmp_path / "s" / "sweep.md").read_text()
+    # with score_mode max in the grid the fused map makes the score: swept as asked
+    grid = {"alpha_map": [0.0, 0.5], "score_mode": ["terms", "max"]}
+    result = sweep(bare, grid, out_dir=tmp_path / "m", plots=False, log=lambda _m: None)
+    assert len(result.points) == 4 and not result.inert
+    with pytest.raises(ConfigError, match=r"alpha_map must lie in \[0, 1\]"):
+        sweep(bare, {"alpha_map": [1.5]}, out_dir=tmp_path / "x", plots=False, log=lambda _m: None)

@@ -353,6 +353,9 @@ def test_the_references_are_those_of_clipfusion_evaluate_and_are_logged(
     files = few_shot_run.model.reference_files
     assert [str(Path(f).relative_to(data_root)) for f in files] == evaluate_run["references"]
     assert any("2-shot for 'metal plate'" in m and all(f in m for f in files) for m in few_shot_run.logs)
+    # the metrics anomalib prints come from random weights: said before the run and before the metrics
+    said = [m for m in few_shot_run.logs if "PIPELINE DEMONSTRATION: random-weight models (tiny preset)" in m]
+    assert len(said) == 2
 
 
 @pytest.mark.slow
@@ -479,6 +482,7 @@ def test_anomalibs_command_line_runs_the_model(zero_shot_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "zero-shot for 'metal plate'" in output
+    assert "PIPELINE DEMONSTRATION: random-weight models (tiny preset)" in output
     for name in ("image_AUROC", "pixel_AUROC"):
         [value] = re.findall(rf"{name}\s*│\s*([0-9.]+)", output)
         assert float(value) == pytest.approx(zero_shot_run.metrics[name], abs=1e-6)

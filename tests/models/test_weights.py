@@ -151,3 +151,47 @@ def test_weights_dir_points_the_config_at_local_paths(tmp_path, hub, monkeypatch
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsUnavailableError, match="has no OpenCLIP weights"):
         weights.apply_weights_dir(load_preset("paper"), tmp_path / "empty")
+
+
+def test_missing_weights_fail_at_once_before_anything_loads(tmp_path, hub, monkeypatch):
+    """Nothing in the cache and downloads off: one line naming what is missing, without a load or a probe."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(weights, "_cached", lambda *a, **k: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsUnavailableError, match="downloads are off") as info:
+        weights.check_available(load_preset("paper"))
+    assert "open_clip_model.safetensors" in str(info.value) and "\n" not in str(info.value)
+    weights.check_available(load_preset("tiny"))  # random weights need no file
+    # a weights folder with every file: nothing to say
+    folder = tmp_path / "w"
+    weights.fetch(folder, _sources(), hub=DirectoryHub(hub), log=lambda _m: None)
+    weights.check_available(load_preset("paper"), folder)
+
+
+def test_a_hub_whose_name_lookup_hangs_is_given_up_in_seconds(monkeypatch):
+    """A resolver that cannot reach its server blocks for half a minute whatever the socket's timeout: the
+    probe bounds the whole lookup and connection, so the command fails at once instead of after it."""
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    release = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror("Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    monkeypatch.setattr(weights, "_cached", lambda *a, **k: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WeightsUnavailableError, match="cannot be reached from here"):
+            weights.check_available(load_preset("paper"))
+    finally:
+        release.set()
+    assert time.monotonic() - start < 10

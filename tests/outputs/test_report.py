@@ -3,6 +3,7 @@ import io
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from clipfusion.outputs import report
@@ -70,3 +71,15 @@ def test_the_report_shows_the_top_scores_and_a_histogram_of_all():
 def test_the_histogram_copes_with_one_value_and_with_nothing():
     assert "<svg" in report.score_histogram_svg([0.5, 0.5, 0.5])
     assert report.score_histogram_svg([]) == "" and report.score_histogram_svg([float("nan")]) == ""
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.62, 0.97, 1.0, 12345.678])
+def test_the_threshold_label_stays_inside_the_histogram(threshold):
+    width = 640
+    svg = report.score_histogram_svg([0.0, 0.5, 1.0], threshold=threshold, width=width)
+    [(x, anchor, text)] = re.findall(r"<text x='([-\d.]+)' y='11' text-anchor='(\w+)'>([^<]+)</text>", svg)
+    # 11 px text: no glyph of these labels is wider than 7 px
+    left, right = (
+        (float(x), float(x) + 7 * len(text)) if anchor == "start" else (float(x) - 7 * len(text), float(x))
+    )
+    assert left >= 0 and right <= width, (left, right, text)

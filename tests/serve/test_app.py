@@ -269,8 +269,40 @@ def test_exported_thresholds_are_what_predict_thresholds_reads(url, fitted, tmp_
         loaded = Thresholds.load(path)
         assert (loaded.image, loaded.pixel) == (0.5, 0.25)
         assert loaded.object_name == "bottle cap"
-        assert loaded.n_images == (3 if calibrated else 0)
         assert loaded.config["preset"] == "tiny"
+        # values set by hand never sit beside a calibration's quantile, image count and files
+        data = response.json()
+        assert data["origin"] == "set by hand" and data["set_by_hand"] == ["image", "pixel"]
+        assert not {"quantile", "n_images", "files"} & set(data)
+        if calibrated:  # which calibrated values they replaced, and that calibration
+            expected = fitted.thresholds
+            assert data["set_from"] == {
+                "image": expected.image,
+                "pixel": expected.pixel,
+                "quantile": expected.quantile,
+                "n_images": 3,
+                "files": list(expected.files),
+            }
+        else:
+            assert data["set_from"] is None and loaded.quantile is None and loaded.n_images == 0
+
+
+def test_thresholds_keep_what_was_not_moved_and_say_where_each_value_came_from(url, fitted):
+    calibrated = fitted.thresholds
+    one = httpx.post(
+        f"{url}/v1/detectors/cap/thresholds",
+        json={"image": calibrated.image + 0.01, "pixel": calibrated.pixel},
+    ).json()
+    assert one["pixel"] == calibrated.pixel and one["set_by_hand"] == ["image"]
+    assert one["set_from"]["pixel"] == calibrated.pixel
+    back = httpx.post(
+        f"{url}/v1/detectors/cap/thresholds", json={"image": calibrated.image, "pixel": calibrated.pixel}
+    ).json()
+    assert back["origin"] == "calibration" and back["quantile"] == calibrated.quantile
+    assert back["n_images"] == 3 and "set_from" not in back
+    listing = httpx.get(f"{url}/v1/detectors/cap").json()["thresholds"]
+    assert listing["origin"] == "calibration" and listing["set_by_hand"] == []
+
     refused = httpx.post(f"{url}/v1/detectors/cap/thresholds", json={"image": "x", "pixel": 0.1})
     assert refused.status_code == 400
     assert refused.json()["error"].startswith("image: ")

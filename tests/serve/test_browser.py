@@ -197,6 +197,21 @@ def test_the_page_scores_two_images_and_rethresholds_them_in_the_browser(server,
             assert thresholds.pixel == pytest.approx(pixel)
             assert thresholds.object_name == "bottle cap"
             assert json.loads(saved.read_text())["config"]["preset"] == "tiny"
+            assert thresholds.by_hand == ("image", "pixel") and thresholds.calibrated is not None
+
+            # back to the calibration, then one slider only: the other value stays exactly the calibrated
+            # one (not snapped to the slider's step), and the file says which value was set by hand
+            page.click("#reset-thresholds")
+            moved = _set_range(page, "#image-threshold", (high + low) / 2)
+            with page.expect_download() as download:
+                page.click("#export-thresholds")
+            one = json.loads(Path(download.value.path()).read_text())
+            assert one["pixel"] == fitted.thresholds.pixel
+            assert one["image"] == pytest.approx(moved)
+            assert one["origin"] == "set by hand" and one["set_by_hand"] == ["image"]
+            assert one["set_from"]["image"] == fitted.thresholds.image
+            assert one["set_from"]["quantile"] == fitted.thresholds.quantile
+            assert "quantile" not in one and "n_images" not in one
 
             page.screenshot(path=str(tmp_path / "inspector.png"), full_page=True)
 

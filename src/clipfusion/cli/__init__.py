@@ -3,8 +3,9 @@
 ``options.py``.
 
 Expected failures (bad files, bad options, missing weights) print one line per problem and exit with
-status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130 and leaves only
-complete output files behind (every file is written atomically).
+status 2; ``--debug`` shows the traceback instead. Interrupting with Ctrl-C exits with 130, leaves only
+complete output files behind (every file is written atomically) and says in one line where it stopped, what
+was done and how to go on (a command sets ``args.on_interrupt`` to say the last two).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from clipfusion.cli.options import (
     add_common_options,
     configure_logging,
     err,
+    last_status,
 )
 from clipfusion.errors import ClipfusionError, WeightsUnavailableError
 from clipfusion.provenance import __version__
@@ -79,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         err(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        err("interrupted; files written so far are complete (use --resume to continue an evaluation)")
+        # one line: where it stopped, what was done, how to go on (a command that knows says the last two)
+        where = last_status()
+        note = getattr(args, "on_interrupt", None)
+        said = note() if callable(note) else "every file written so far is complete"
+        err(f"interrupted{f' ({where})' if where else ''}: {said}")
         return EXIT_INTERRUPTED
     except MemoryError:
         err("out of memory; try a smaller --batch-size or --dtype bfloat16")

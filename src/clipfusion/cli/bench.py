@@ -136,8 +136,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"  images/s at batch {r['batch_size']}:        {r['images_per_s']:>10.3f}",
     ]
     if r.get("peak_rss_gb") is not None:
+        # per batch size: the throughput batch's activations are batch_size times those of one image
+        during = f"{r['peak_rss_gb']:.2f} GB during inference up to batch {r['batch_size']}"
+        if r.get("peak_rss_batch1_gb") is not None and r["batch_size"] != 1:
+            during = f"{r['peak_rss_batch1_gb']:.2f} GB during inference at batch 1, {during}"
         lines.append(
-            f"  peak memory (resident): {r['peak_rss_gb']:.2f} GB during inference, "
+            f"  peak memory (resident): {during}, "
             f"{max(r['peak_rss_gb'], r['peak_rss_before_gb']):.2f} GB whole life"
         )
     if r.get("peak_vram_gb") is not None:

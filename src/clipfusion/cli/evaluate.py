@@ -98,6 +98,8 @@ def _protocol_options(args: argparse.Namespace, config: CLIPFusionConfig, note: 
 def _checked_out(args: argparse.Namespace, out: Path) -> Path:
     from clipfusion.outputs.folders import check_creatable, check_input_folder
 
+    # what Ctrl-C says: every finished run is saved as it finishes
+    args.on_interrupt = lambda: f"every finished run is saved in {out}; add --resume to continue it"
     check_input_folder(args.root, "--root")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --out names an existing file; give a folder")

@@ -13,6 +13,7 @@ from clipfusion.cli.options import (
     EXIT_USAGE,
     add_model_options,
     build_config,
+    check_weights,
     err,
     say,
     show_progress,
@@ -31,7 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--object", help='what the product is, e.g. "metal nut"')
     p.add_argument("--refs", nargs="+", type=Path, help="normal reference images or folders (few-shot)")
-    p.add_argument("--out", type=Path, required=True, help="the fitted detector's folder (new or empty)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the fitted detector's folder: new or empty (an existing fitted detector only with --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the fitted detector in --out (its thresholds too, unless this fit calibrates)",
+    )
     p.add_argument(
         "--calibrate",
         type=Path,
@@ -46,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.calibration import calibrate
-    from clipfusion.data.checks import check_images, collect_images
+    from clipfusion.data.checks import check_calibration_overlap, check_images, collect_images
     from clipfusion.detector import CLIPFusion
-    from clipfusion.fitted import DETECTOR_FILE
+    from clipfusion.fitted import DETECTOR_FILE, describe_existing
     from clipfusion.outputs.folders import check_creatable, check_input_folder
     from clipfusion.thresholds import DEFAULT_QUANTILE
 
@@ -67,13 +78,22 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: --out names an existing file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / DETECTOR_FILE).is_file():
         raise InputError(f"{out}: --out is not empty and holds no fitted detector; choose a new folder")
+    existing = describe_existing(out)
+    if existing and not args.overwrite:
+        raise InputError(
+            f"{out}: holds a fitted detector ({existing}); add --overwrite to replace it, or choose another "
+            "--out"
+        )
     check_creatable(out, "--out")
+    args.on_interrupt = lambda: f"a fit is saved to {out} only at its end; run the same command again"
     if args.calibrate is not None:
         check_input_folder(args.calibrate, "--calibrate")
     config = build_config(args)
+    check_weights(config, args)
     progress = show_progress(args)
-    refs, problems = collect_images(args.refs) if args.refs else ([], [])
-    calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
+    mine = [out]
+    refs, problems = collect_images(args.refs, exclude=mine) if args.refs else ([], [])
+    calib, calib_problems = collect_images([args.calibrate], exclude=mine) if args.calibrate else ([], [])
     problems += calib_problems
     refs, bad_refs = check_images(refs, progress, desc="checking references")
     calib, bad_calib = check_images(calib, progress, desc="checking calibration images")
@@ -92,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for line in skipped:
         warn(f"skipped: {line}")
+    check_calibration_overlap(calib, refs)
 
     banner = random_weights_banner(config)
     if banner:
@@ -112,7 +133,15 @@ def run(args: argparse.Namespace) -> int:
         say(f"      threshold {thresholds.image:.6f}, pixel threshold {thresholds.pixel:.6f}")
     else:
         say("[3/4] no --calibrate: no thresholds saved (predict --threshold/--calibrate can set them)")
-    say(f"[4/4] saving to {out}")
+    if existing:
+        lost = (
+            " (its calibrated thresholds go: this fit has none)"
+            if "thresholds" in existing and not thresholds
+            else ""
+        )
+        say(f"[4/4] replacing the fitted detector in {out}: {existing}{lost}")
+    else:
+        say(f"[4/4] saving to {out}")
     detector.save(out, thresholds)
     say(f"fitted {detector.object_name!r} ({regime}) in {time.perf_counter() - start:.1f} s: {out}")
     return EXIT_OK

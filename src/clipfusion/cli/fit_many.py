@@ -22,6 +22,7 @@ from clipfusion.cli.options import (
     EXIT_OK,
     EXIT_USAGE,
     build_config,
+    check_weights,
     err,
     say,
     show_progress,
@@ -86,7 +87,7 @@ def _jobs(args: argparse.Namespace, config: object) -> list[Job]:
         if not folders:
             raise InputError(f"{root}: --refs-root holds no folder (one per object: {root}/<object>/)")
         for folder in folders:
-            files, found = collect_images([folder])
+            files, found = collect_images([folder], exclude=[args.out])
             problems += found
             jobs.append(Job(folder.name, object_name(folder.name, names), files))
     else:
@@ -111,7 +112,7 @@ def _jobs(args: argparse.Namespace, config: object) -> list[Job]:
             if not folder.is_dir():
                 problems.append(f"{folder}: --calibrate has no folder for {job.folder!r} (one per object)")
                 continue
-            job.calibration, found = collect_images([folder])
+            job.calibration, found = collect_images([folder], exclude=[args.out])
             problems += found
     if problems:
         raise InputErrors(problems)
@@ -121,9 +122,9 @@ def _jobs(args: argparse.Namespace, config: object) -> list[Job]:
 def run(args: argparse.Namespace) -> int:
     """Fit every object of --refs-root or --dataset on one load of the models; one fitted folder each."""
     from clipfusion.calibration import calibrate
-    from clipfusion.data.checks import check_images
+    from clipfusion.data.checks import check_calibration_overlap, check_images
     from clipfusion.detector import CLIPFusion
-    from clipfusion.fitted import DETECTOR_FILE
+    from clipfusion.fitted import DETECTOR_FILE, describe_existing
     from clipfusion.outputs.folders import check_creatable, check_input_folder
     from clipfusion.shared import SharedModels
     from clipfusion.thresholds import DEFAULT_QUANTILE
@@ -144,11 +145,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: --out names an existing file; give a folder")
     check_creatable(out, "--out")
     config = build_config(args)
+    check_weights(config, args)
     jobs = _jobs(args, config)
+    refused = []
     for job in jobs:
         target = out / job.folder
         if target.is_dir() and any(target.iterdir()) and not (target / DETECTOR_FILE).is_file():
-            raise InputError(f"{target}: not empty and holds no fitted detector; choose a new --out")
+            refused.append(f"{target}: not empty and holds no fitted detector; choose a new --out")
+        elif (existing := describe_existing(target)) and not args.overwrite:
+            refused.append(f"{target}: holds a fitted detector ({existing}); add --overwrite to replace it")
+    if refused:
+        raise InputErrors(refused)
+    args.on_interrupt = lambda: f"the objects fitted so far are saved in {out}; the others are not"
     progress = show_progress(args)
     skipped: list[str] = []
     for job in jobs:
@@ -164,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for line in skipped:
         warn(f"skipped: {line}")
+    for job in jobs:
+        check_calibration_overlap(job.calibration, job.refs)
 
     banner = random_weights_banner(config)
     if banner:

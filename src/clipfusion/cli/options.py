@@ -27,7 +27,10 @@ from clipfusion.config import (
 from clipfusion.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from clipfusion.fitted import FittedRecord
+    from clipfusion.thresholds import Thresholds
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 WEIGHTS_ENV = "CLIPFUSION_WEIGHTS"
@@ -68,14 +71,32 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks replace it)."""
+    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks replace it). An error ends the
+    progress bars still open (their work stopped), so it always starts a line of its own; the last status
+    line is kept, to say where an interrupted command stopped."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
+        global _last_status
         self.stream = sys.stderr
+        if record.levelno >= logging.ERROR:
+            from clipfusion.progress import close_open_bars
+
+            close_open_bars()
+        elif record.levelno == logging.INFO:
+            _last_status = record.getMessage()
         super().emit(record)
+
+
+#: the last status line shown (what the command was doing), for the line an interruption prints
+_last_status = ""
+
+
+def last_status() -> str:
+    """The last status line a command showed: where it was when interrupted."""
+    return _last_status
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -106,6 +127,8 @@ def configure_logging(args: argparse.Namespace) -> None:
 
     Replaces what an earlier call installed, so that ``main()`` can run several times in one process.
     """
+    global _last_status
+    _last_status = ""
     while _installed:
         handler = _installed.pop()
         log.removeHandler(handler)
@@ -230,6 +253,44 @@ def read_fitted(args: argparse.Namespace) -> dict[str, FittedRecord]:
     return {name: read(path) for name, path in parse_fitted(specs).items()}
 
 
+def check_weights(config: CLIPFusionConfig, args: argparse.Namespace) -> None:
+    """Before any image is checked or model loaded: a device or dtype this machine cannot run, then
+    pretrained weights that are neither on this machine nor downloadable, fail the command at once (not
+    after the hub client's retries)."""
+    from clipfusion.models.weights import check_available
+    from clipfusion.runtime import resolve_placement
+
+    device = getattr(args, "device", None)
+    resolve_placement(config.replace(device=device) if device else config)
+    check_available(config, weights_dir(args))
+
+
+def check_thresholds_early(
+    thresholds: Thresholds,
+    where: str,
+    config: CLIPFusionConfig,
+    *,
+    fitted: FittedRecord | None = None,
+    object_name: str | None = None,
+    references: Sequence[Path] = (),
+) -> None:
+    """``--thresholds FILE`` against the fit this run will make (its configuration, object and references),
+    before any model loads: a refused file costs seconds, not a model load."""
+    from types import SimpleNamespace
+
+    from clipfusion.data.names import object_name as prompt_name
+    from clipfusion.thresholds import check_thresholds_for
+
+    if fitted is not None:
+        fit = SimpleNamespace(
+            config=fitted.config, object_name=fitted.object_name, references=fitted.reference_names
+        )
+    else:
+        name = prompt_name(object_name or "", config.object_names)
+        fit = SimpleNamespace(config=config, object_name=name, references=[str(r) for r in references])
+    check_thresholds_for(thresholds, fit, where)
+
+
 #: the three ways out when the pretrained weights are not on the machine
 WEIGHTS_HINT = (
     "the pretrained weights are not on this machine. Either: (1) run `clipfusion weights fetch --to DIR` "
@@ -250,8 +311,11 @@ __all__ = [
     "add_model_options",
     "add_weights_option",
     "build_config",
+    "check_thresholds_early",
+    "check_weights",
     "configure_logging",
     "err",
+    "last_status",
     "read_fitted",
     "say",
     "show_progress",

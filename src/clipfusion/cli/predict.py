@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,8 @@ from clipfusion.cli.options import (
     EXIT_USAGE,
     add_model_options,
     build_config,
+    check_thresholds_early,
+    check_weights,
     err,
     read_fitted,
     say,
@@ -96,14 +97,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray.add_argument(
         "--cpus-per-worker", type=float, metavar="C", help="CPUs (torch threads) per actor (default 1)"
     )
-    ray.add_argument(
-        "--resume", action="store_true", help="continue a run in --out, skipping finished images"
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in --out, skipping finished images"
     )
     p.set_defaults(func=run)
 
 
 #: the options that only mean something with --engine ray
-RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "resume")
+RAY_OPTIONS = ("address", "workers", "gpus_per_worker", "cpus_per_worker")
 
 
 def split_fitted(args: argparse.Namespace) -> None:
@@ -128,16 +129,22 @@ def split_fitted(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipfusion.calibration import calibrate
-    from clipfusion.data.checks import check_images, collect_images
+    from clipfusion.data.checks import check_calibration_overlap, check_images, collect_images
     from clipfusion.detector import CLIPFusion
     from clipfusion.outputs import report
-    from clipfusion.outputs.folders import OutputFolder, check_input_file, check_input_folder
+    from clipfusion.outputs.folders import (
+        OutputFolder,
+        check_input_file,
+        check_input_folder,
+        interrupted_note,
+    )
     from clipfusion.outputs.predictions import write_predictions
-    from clipfusion.thresholds import DEFAULT_QUANTILE, Thresholds, check_thresholds_for
+    from clipfusion.thresholds import DEFAULT_QUANTILE, Thresholds
 
     split_fitted(args)
     if not args.images:
         raise ConfigError("give the images to score (files, folders or lists)")
+    args.on_interrupt = lambda: interrupted_note(args.out)  # what Ctrl-C says: done so far, how to go on
     if args.engine == "ray":
         from clipfusion.cli.predict_ray import run as run_on_ray
 
@@ -162,17 +169,19 @@ def run(args: argparse.Namespace) -> int:
         return _run_many(args, records)
     fitted = next(iter(records.values()), None)
     config = fitted.config if fitted else build_config(args)
-    out = OutputFolder(args.out, overwrite=args.overwrite)
+    out = OutputFolder(args.out, overwrite=args.overwrite, resume=args.resume)
     out.check()
     if args.calibrate is not None:
         check_input_folder(args.calibrate, "--calibrate")
     saved = Thresholds.load(check_input_file(args.thresholds, "--thresholds")) if args.thresholds else None
     if saved is not None:
         saved.check_config(config.to_dict(), str(args.thresholds))
+    check_weights(config, args)
     progress = show_progress(args)
-    files, problems = collect_images(args.images)
-    refs, ref_problems = collect_images(args.refs) if args.refs else ([], [])
-    calib, calib_problems = collect_images([args.calibrate]) if args.calibrate else ([], [])
+    mine = [args.out]  # a walk never takes this run's own outputs (nor an earlier run's) for inputs
+    files, problems = collect_images(args.images, exclude=mine)
+    refs, ref_problems = collect_images(args.refs, exclude=mine) if args.refs else ([], [])
+    calib, calib_problems = collect_images([args.calibrate], exclude=mine) if args.calibrate else ([], [])
     problems += ref_problems + calib_problems
     given_files = files
     files, bad = check_images(files, progress, desc="checking images")
@@ -190,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for line in skipped:
         warn(f"skipped: {line}")
+    check_calibration_overlap(calib, refs, [r.get("sha256") for r in fitted.references] if fitted else ())
+    if saved is not None:
+        where = str(args.thresholds)
+        check_thresholds_early(saved, where, config, fitted=fitted, object_name=args.object, references=refs)
 
     banner = random_weights_banner(config)
     if banner:
@@ -218,15 +231,14 @@ def run(args: argparse.Namespace) -> int:
             f"pixel threshold {thresholds.pixel:.6f}"
         )
     elif saved is not None:
-        check_thresholds_for(saved, detector, str(args.thresholds))
         thresholds = saved
         say(f"thresholds from {args.thresholds}: {saved.image:.6f}, pixel {saved.pixel:.6f}")
     threshold, pixel_threshold = args.threshold, args.pixel_threshold
     if thresholds is not None:
-        # explicit values win; thresholds.json then records what was used, with its calibration's origin
+        # explicit values win; thresholds.json then says which were set by hand, from which calibration
         threshold = thresholds.image if threshold is None else threshold
         pixel_threshold = thresholds.pixel if pixel_threshold is None else pixel_threshold
-        thresholds = replace(thresholds, image=threshold, pixel=pixel_threshold)
+        thresholds = thresholds.with_values(threshold, pixel_threshold)
 
     details = {
         "object": object_name,
@@ -280,6 +292,11 @@ def _run_many(args: argparse.Namespace, records: dict[str, FittedRecord]) -> int
     from clipfusion.outputs.folders import OutputFolder
     from clipfusion.outputs.predictions import write_line_predictions
 
+    if args.resume:
+        raise ConfigError(
+            "--resume continues a run of one fitted object (with --engine ray, of several); run the objects "
+            "again into a new --out, or one by one"
+        )
     per_fit = [
         o
         for o in ("calibrate", "thresholds", "threshold", "pixel_threshold", "quantile")
@@ -294,7 +311,9 @@ def _run_many(args: argparse.Namespace, records: dict[str, FittedRecord]) -> int
     out = OutputFolder(args.out, overwrite=args.overwrite)
     out.check()
     names = list(records)
-    routed, problems = route_inputs(args.images, names)
+    for record in records.values():
+        check_weights(record.config, args)
+    routed, problems = route_inputs(args.images, names, exclude=[args.out])
     progress = show_progress(args)
     good, bad = check_images([path for path, _ in routed], progress, desc="checking images")
     if problems or (bad and not args.skip_bad):

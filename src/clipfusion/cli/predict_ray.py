@@ -15,6 +15,7 @@ from clipfusion.cli.options import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
+    check_weights,
     err,
     read_fitted,
     say,
@@ -46,13 +47,19 @@ def run(args: argparse.Namespace) -> int:
     if args.quantile is not None:
         raise ConfigError("--quantile needs --calibrate, which does not run on --engine ray")
     records = read_fitted(args)  # refuses --object, --refs, --preset … in one line before Ray starts
+    for record in records.values():
+        check_weights(record.config, args)
     if len(records) > 1:
         return _report(args, _run_many(args, records))
+    fitted = next(iter(records.values()))
+    banner = random_weights_banner(fitted.config)
+    if banner:  # as the local engine says it, before any score is shown
+        warn(banner)
     thresholds = None
     if args.thresholds is not None:
         thresholds = Thresholds.load(check_input_file(args.thresholds, "--thresholds"))
     summary = predict(
-        next(iter(records.values())).path,
+        fitted.path,
         args.images,
         args.out,
         address=args.address,

@@ -6,14 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipfusion.data._common import SampleList
-from clipfusion.errors import ConfigError, InputError
+from clipfusion.errors import ConfigError, InputError, InputErrors, did_you_mean
 
 DATASET_KINDS = ("mvtec", "visa", "folder")
 
 
 def check_kind(kind: str) -> str:
     if kind not in DATASET_KINDS:
-        raise ConfigError(f"unknown dataset {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
+        raise ConfigError(
+            f"unknown dataset {kind!r}; {did_you_mean(kind, DATASET_KINDS)}choose one of "
+            f"{', '.join(DATASET_KINDS)}"
+        )
     return kind
 
 
@@ -60,6 +63,8 @@ def dataset_categories(kind: str, root: str | Path, categories: Sequence[str] | 
     if not root.is_dir():
         raise InputError(f"{root}: data set root does not exist or is not a folder")
     check_root(kind, root, categories)
+    if categories and kind == "folder":
+        _check_products(root, categories)
     if categories:
         return list(categories)
     if kind == "mvtec":
@@ -72,6 +77,22 @@ def dataset_categories(kind: str, root: str | Path, categories: Sequence[str] | 
     if not found:
         raise InputError(f"{root}: no product folder with train/good found (expected the MVTec layout)")
     return found
+
+
+def _check_products(root: Path, categories: Sequence[str]) -> None:
+    """``--category`` of a folder data set: each must be a product folder under ``root`` (or ``root``
+    itself); one line per unknown one, with the closest names and every product found."""
+    if (root / "train").is_dir() and list(categories) == [root.name]:
+        return
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() or (p / "test").is_dir())
+    problems = [
+        f"{root}: no product folder {c!r} (with train/ or test/); {did_you_mean(c, found)}products found: "
+        f"{', '.join(found) or 'none'}"
+        for c in categories
+        if c not in found
+    ]
+    if problems:
+        raise InputErrors(problems)
 
 
 def open_split(kind: str, root: str | Path, category: str, split: str) -> SampleList:

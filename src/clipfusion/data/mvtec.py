@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clipfusion.data._common import SampleList, check_split
 from clipfusion.data.folder import GOOD, scan_mvtec_layout
-from clipfusion.errors import ConfigError, InputError
+from clipfusion.errors import ConfigError, InputError, did_you_mean
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle",
@@ -39,7 +39,10 @@ class MVTecAD(SampleList):
         root = Path(root)
         check_split(split)
         if category not in MVTEC_CATEGORIES:
-            raise ConfigError(f"unknown MVTec AD category {category!r}; known: {', '.join(MVTEC_CATEGORIES)}")
+            raise ConfigError(
+                f"unknown MVTec AD category {category!r}; {did_you_mean(category, MVTEC_CATEGORIES)}known: "
+                f"{', '.join(MVTEC_CATEGORIES)}"
+            )
         if not root.is_dir():
             raise InputError(
                 f"{root}: folder not found (expected the MVTec AD root holding the category folders)"

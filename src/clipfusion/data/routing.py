@@ -59,10 +59,11 @@ def _read_table(path: Path) -> list[tuple[str, str]]:
 
 
 def route_inputs(
-    inputs: Sequence[str | Path], names: Sequence[str]
+    inputs: Sequence[str | Path], names: Sequence[str], *, exclude: Sequence[str | Path] = ()
 ) -> tuple[list[tuple[Path, str]], list[str]]:
     """``(image path, object name)`` for every input, in input order, and one line per problem (listed, not
-    raised, as :func:`~clipfusion.data.checks.collect_images` lists them)."""
+    raised, as :func:`~clipfusion.data.checks.collect_images` lists them). Folders are walked as any input
+    folder is: never into ``exclude`` (the run's own output folder) nor into a folder holding a run."""
     routed: list[tuple[Path, str]] = []
     problems: list[str] = []
     known = set(names)
@@ -99,7 +100,7 @@ def route_inputs(
                 if folder.name not in known:
                     problems.append(f"{folder}: {_unknown(folder.name, names)}")
                     continue
-                files, found_problems = collect_images([folder])
+                files, found_problems = collect_images([folder], exclude=exclude)
                 problems += found_problems
                 routed += [(file, folder.name) for file in files]
         elif item.is_file():

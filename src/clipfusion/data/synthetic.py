@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ConfigError, did_you_mean
 
 SYNTHETIC_CATEGORIES: tuple[str, ...] = ("woven_fabric", "grainy_leather", "bottle_cap", "metal_plate")
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "hole", "stain", "missing")
@@ -434,7 +434,8 @@ def make_synthetic_dataset(
     unknown = [c for c in chosen if c not in SYNTHETIC_CATEGORIES]
     if unknown or not chosen:
         known = ", ".join(SYNTHETIC_CATEGORIES)
-        raise ConfigError(f"unknown synthetic categories {unknown or '(none given)'}; known: {known}")
+        hint = did_you_mean(unknown[0], SYNTHETIC_CATEGORIES) if len(unknown) == 1 else ""
+        raise ConfigError(f"unknown synthetic categories {unknown or '(none given)'}; {hint}known: {known}")
     n_train = _check_count("n_train", n_train, 1)
     n_test = _check_count("n_test", n_test, 2)
     size = _check_count("image_size", image_size, _MIN_IMAGE_SIZE)

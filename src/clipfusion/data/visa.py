@@ -11,7 +11,7 @@ import csv
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from clipfusion.data._common import IMAGE_SUFFIXES, Sample, SampleList, check_split
-from clipfusion.errors import ConfigError, InputError
+from clipfusion.errors import ConfigError, InputError, did_you_mean
 
 VISA_CATEGORIES: tuple[str, ...] = (
     "candle",
@@ -61,7 +61,10 @@ class VisA(SampleList):
         root = Path(root)
         check_split(split)
         if category not in VISA_CATEGORIES:
-            raise ConfigError(f"unknown VisA category {category!r}; known: {', '.join(VISA_CATEGORIES)}")
+            raise ConfigError(
+                f"unknown VisA category {category!r}; {did_you_mean(category, VISA_CATEGORIES)}known: "
+                f"{', '.join(VISA_CATEGORIES)}"
+            )
         csv_path = root / SPLIT_CSV
         if not csv_path.is_file():
             raise InputError(

@@ -9,13 +9,15 @@ and a listed file that is missing or unreadable becomes a line of ``skipped.csv`
 
 Folders are expanded exactly as a local ``predict`` expands them (recursively, image suffixes only, hidden
 files left out, symbolic links to folders not followed, sorted as :mod:`pathlib` sorts paths), and output
-names are made unique the same way, so a Ray run and a local run of the same inputs write the same files.
+names mirror the input paths the same way, so a Ray run and a local run of the same inputs write the same
+files.
 
 Nothing in this module imports Ray.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -30,10 +32,15 @@ from clipfusion.errors import InputError, InputErrors
 #: list files, by suffix: one path a line, or a table with a ``path`` column
 LIST_SUFFIXES = {".txt": "text", ".lst": "text", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PATH_COLUMN = "path"
+log = logging.getLogger(__name__)
 
 
-def _walk(root: str) -> list[str]:
-    """Image files under ``root``, relative to it, in the order ``sorted(Path(root).rglob("*"))`` gives."""
+def _walk(root: str, exclude: frozenset[str] = frozenset(), left_out: list[str] | None = None) -> list[str]:
+    """Image files under ``root``, relative to it, in the order ``sorted(Path(root).rglob("*"))`` gives,
+    without entering a folder of ``exclude`` (real paths) or one that holds a clipfusion run (appended to
+    ``left_out``), as :func:`clipfusion.data.checks.collect_images` walks."""
+    from clipfusion.data.checks import holds_run
+
     found: list[tuple[list[str], str]] = []
     stack = [""]
     while stack:
@@ -44,7 +51,11 @@ def _walk(root: str) -> list[str]:
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(rel)
+                            if os.path.realpath(entry.path) in exclude or holds_run(Path(entry.path)):
+                                if left_out is not None:
+                                    left_out.append(os.path.join(root, rel))
+                            else:
+                                stack.append(rel)
                             continue
                         if (
                             not entry.name.startswith(".")
@@ -123,17 +134,22 @@ def is_list_file(path: Path) -> bool:
     return path.suffix.lower() in LIST_SUFFIXES and path.is_file()
 
 
-def resolve_inputs(items: Sequence[str | Path]) -> pa.Table:
+def resolve_inputs(items: Sequence[str | Path], *, exclude: Sequence[str | Path] = ()) -> pa.Table:
     """Files, folders and list files → a table with ``path`` (as given or listed, for the outputs) and
     ``source`` (absolute, what the workers open). Relative paths in a list are taken relative to the
     list's own folder (a list travels with its images); those on the command line relative to the current
     folder.
 
     Every problem (a missing input, a folder without images, an unreadable list, a URL) is collected and
-    raised at once as :class:`~clipfusion.errors.InputErrors`, one line each.
+    raised at once as :class:`~clipfusion.errors.InputErrors`, one line each. A folder walk never enters a
+    folder of ``exclude`` (the run's own ``--out``) nor one that holds a clipfusion run.
     """
+    from clipfusion.data.checks import RUN_MANIFEST, holds_run
+
     parts: list[pa.Table] = []
     problems: list[str] = []
+    skip = frozenset(os.path.realpath(p) for p in exclude)
+    left_out: list[str] = []
     for item in items:
         if is_url(item):
             problems.append(
@@ -144,7 +160,13 @@ def resolve_inputs(items: Sequence[str | Path]) -> pa.Table:
         given = Path(item)
         shown = str(given)
         if given.is_dir():
-            found = pa.array(_walk(shown), type=pa.string())
+            if os.path.realpath(given) in skip or holds_run(given):
+                problems.append(
+                    f"{given}: holds the outputs of a clipfusion run ({RUN_MANIFEST}), not input images; "
+                    "give the image files themselves to score them"
+                )
+                continue
+            found = pa.array(_walk(shown, skip, left_out), type=pa.string())
             if len(found) == 0:
                 problems.append(f"{given}: folder contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
                 continue
@@ -175,6 +197,12 @@ def resolve_inputs(items: Sequence[str | Path]) -> pa.Table:
             parts.append(pa.table({"path": [shown], "source": [os.path.abspath(shown)]}))
         else:
             problems.append(f"{given}: no such file or folder")
+    if left_out:
+        shown_out = ", ".join(left_out[:3]) + (" …" if len(left_out) > 3 else "")
+        log.info(
+            f"left out {len(left_out)} folder{'s' * (len(left_out) != 1)} of clipfusion outputs (this run's "
+            f"--out, or an earlier run with its {RUN_MANIFEST}): {shown_out}"
+        )
     if problems:
         raise InputErrors(problems)
     if not parts:
@@ -184,31 +212,22 @@ def resolve_inputs(items: Sequence[str | Path]) -> pa.Table:
 
 
 def output_stems(paths: pa.Array | pa.ChunkedArray) -> list[str]:
-    """The output name of each input: its file stem, made unique (``_2``, ``_3`` …) in input order — the
-    names :func:`clipfusion.outputs.predictions.unique_stems` gives, without a ``Path`` per input."""
-    names = pc.replace_substring_regex(paths, r"^.*/", "")
-    stems = pc.replace_substring_regex(names, r"^(.+)\.[^.]+$", r"\1").to_pylist()
-    used: set[str] = set()
-    # where the search for a free ``stem_k`` resumes: names are never freed, so every smaller k is taken
-    # (a million "000.png" in a thousand folders stays linear)
-    resume_at: dict[str, int] = {}
-    out = []
-    for stem in stems:
-        count = resume_at.get(stem, 1)
-        name = stem if count == 1 else f"{stem}_{count}"
-        while name in used:
-            count += 1
-            name = f"{stem}_{count}"
-        used.add(name)
-        resume_at[stem] = count + 1
-        out.append(name)
-    return out
+    """The output name of each input (the names :func:`clipfusion.outputs.predictions.unique_stems` gives:
+    the path below the inputs' common folder, without suffix). Absolute, normalised paths (a table's
+    ``source``) are used as they are; only the others go through :func:`os.path.abspath`, in Python."""
+    from clipfusion.outputs.predictions import mirrored_stems
+
+    values = paths.to_pylist()
+    odd = pc.match_substring_regex(paths, r"^[^/]|//|(^|/)\.\.?(/|$)")
+    for i in pc.indices_nonzero(odd).to_pylist():
+        values[i] = os.path.abspath(values[i])
+    return mirrored_stems(values)
 
 
 def with_output_names(table: pa.Table, *, masks: bool) -> pa.Table:
     """Add the files each input gets (relative to the output folder): ``map``, ``overlay`` and, with a
     pixel threshold, ``mask``."""
-    stems = pa.array(output_stems(table.column("path")), type=pa.string())
+    stems = pa.array(output_stems(table.column("source")), type=pa.string())
     table = table.append_column("map", pc.binary_join_element_wise("maps/", stems, ".npy", ""))
     table = table.append_column("overlay", pc.binary_join_element_wise("overlays/", stems, ".png", ""))
     if masks:

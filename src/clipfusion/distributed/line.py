@@ -66,7 +66,7 @@ from clipfusion.provenance import WEIGHTS_NOTE, random_weights_banner, weights_k
 log = logging.getLogger(__name__)
 
 #: the per-image files of a run over several objects, by pattern (one sub-folder per object)
-LINE_PATTERNS = ("*/maps/*.npy", "*/overlays/*.png", "*/masks/*.png", f"{rec.PARTS}/*.parquet")
+LINE_PATTERNS = ("*/maps/**/*.npy", "*/overlays/**/*.png", "*/masks/**/*.png", f"{rec.PARTS}/*.parquet")
 
 
 def _table(
@@ -160,7 +160,7 @@ def predict_line(
 
     records = {name: fitted_format.read(path) for name, path in fitted.items()}
     names = list(records)
-    routed, problems = route_inputs(inputs, names)
+    routed, problems = route_inputs(inputs, names, exclude=[out])
     if problems:
         raise InputErrors(problems)
     if not routed:

@@ -96,14 +96,24 @@ def join_records(inputs: pa.Table, records: pa.Table, keys: Sequence[str]) -> pa
 
 
 def listing(folder: Path, sub: str) -> set[str]:
-    """The files in ``folder/sub`` as ``sub/name`` — one ``scandir``, not a ``stat`` per image."""
+    """The files under ``folder/sub`` as ``sub/…/name`` (output names mirror the inputs' folders) — one
+    ``scandir`` per folder, not a ``stat`` per image; hidden files (a write in progress) left out."""
     import os
 
-    try:
-        with os.scandir(folder / sub) as entries:
-            return {f"{sub}/{e.name}" for e in entries if not e.name.startswith(".")}
-    except FileNotFoundError:
-        return set()
+    found: set[str] = set()
+    todo = [sub]
+    while todo:
+        rel = todo.pop()
+        try:
+            with os.scandir(folder / rel) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(f"{rel}/{e.name}")
+                    elif not e.name.startswith("."):
+                        found.add(f"{rel}/{e.name}")
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def present(column: pa.ChunkedArray | pa.Array, files: set[str]) -> pa.Array:

@@ -9,7 +9,6 @@ import secrets
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -129,7 +128,7 @@ def predict(
     image_t = threshold if threshold is not None else (chosen.image if chosen else None)
     pixel_t = pixel_threshold if pixel_threshold is not None else (chosen.pixel if chosen else None)
     if chosen is not None:
-        chosen = replace(chosen, image=image_t, pixel=pixel_t)
+        chosen = chosen.with_values(image_t, pixel_t)
     masks = pixel_t is not None
     weights = weights_kind(config)
     png_text = {"clipfusion-weights": WEIGHTS_NOTE[weights]}
@@ -145,7 +144,7 @@ def predict(
     }
     folder = RunFolder(out, overwrite=overwrite, resume=resume)
     folder.check(run)
-    table = with_output_names(resolve_inputs(inputs), masks=masks)
+    table = with_output_names(resolve_inputs(inputs, exclude=[out]), masks=masks)
     batch = batch_size or default_batch_size(config)
 
     ray = require_ray()

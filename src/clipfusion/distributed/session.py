@@ -36,7 +36,7 @@ MAX_TASK_RETRIES = 3
 #: that blocks of several batches keep the driver's bookkeeping small
 MAX_BLOCKS = 20_000
 #: the per-image files of a distributed run, named by pattern in its manifest instead of listed one by one
-PATTERNS = ("maps/*.npy", "overlays/*.png", "masks/*.png", f"{rec.PARTS}/*.parquet")
+PATTERNS = ("maps/**/*.npy", "overlays/**/*.png", "masks/**/*.png", f"{rec.PARTS}/*.parquet")
 ACTOR_PREFIX = "clipfusion-predict"
 
 

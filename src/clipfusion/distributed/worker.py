@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipfusion.errors import one_line
+from clipfusion.files import private_temp_dir
 from clipfusion.thresholds import pixel_mask
 
 #: the record of one image, as the workers return it (and the driver stores it for --resume)
@@ -136,7 +136,7 @@ class ScoreBatch:
         several = all(isinstance(files, dict) for files in fitted_files.values())
         folders = fitted_files if several else {"": fitted_files}
         shown = fitted_path if isinstance(fitted_path, dict) else {"": fitted_path}
-        temporary = tempfile.mkdtemp(prefix="clipfusion-fitted-")
+        temporary = str(private_temp_dir("clipfusion-fitted-"))  # and the folders of killed workers go
         copies = {name: Path(temporary, name or "fitted") for name in folders}
         try:
             for name, files in folders.items():

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from clipfusion.config import FUSION_TERMS, CLIPFusionConfig, parse_value
-from clipfusion.errors import ConfigError
+from clipfusion.errors import ConfigError, did_you_mean
 
 FUSION_OPTIONS = ("alpha_map", "alpha_score", "sigma", "score_mode", "terms")
 MAP_OPTIONS = (
@@ -49,7 +49,8 @@ def parse_grid(items: Sequence[str], allowed: Sequence[str], *, other: str = "")
         if key not in allowed:
             hint = f"; {other}" if other else ""
             raise ConfigError(
-                f"--grid {key}: cannot be gridded here (choose from {', '.join(allowed)}){hint}"
+                f"--grid {key}: cannot be gridded here ({did_you_mean(key, allowed)}choose from "
+                f"{', '.join(allowed)}){hint}"
             )
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; list all its values in one option")

@@ -156,6 +156,15 @@ def load_run_header(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InputError(f"{path}: not a readable maps file ({exc})") from exc
 
 
+def has_masks(path: str | Path) -> bool:
+    """Whether a run's file holds ground-truth masks (so pixel metrics), without reading its arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "masks" in data.files
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable maps file ({exc})") from exc
+
+
 def load_run_maps(path: str | Path) -> RunMaps:
     """Read one run's file; a file that is not one (or of another format version) is a clear error."""
     path = Path(path)

@@ -63,6 +63,8 @@ class SweepResult:
     #: largest |difference| between the stored configuration recomputed here and results.json (None: no file)
     check: float | None = None
     seconds: float = 0.0
+    #: options of the grid left at their stored value, each with why it cannot change a metric of these runs
+    inert: dict[str, str] = field(default_factory=dict)
 
 
 def sweep(
@@ -76,7 +78,7 @@ def sweep(
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Recompute the fusion and the metrics of every run in ``run_dir`` for every point of ``grid``."""
-    from clipfusion.evaluation.maps_store import list_maps_files, load_run_header, load_run_maps
+    from clipfusion.evaluation.maps_store import has_masks, list_maps_files, load_run_header, load_run_maps
     from clipfusion.evaluation.results import RunKey
     from clipfusion.progress import progress_bar
 
@@ -105,6 +107,17 @@ def sweep(
         if config != base_dict:
             raise InputError(f"{path}: stored with another configuration than {files[0].name}")
     base = from_dict(CLIPFusionConfig, base_dict, where=f"{files[0]} config")
+    inert = inert_options(grid, base, masks=any(has_masks(path) for path in files))
+    for key, why in inert.items():
+        for value in grid[key]:  # still a valid value, even if it cannot change anything here
+            apply_point(base, {key: value})
+        # one line instead of a table of identical rows
+        stored = value_text(config_value(base, key))
+        log(
+            f"{key} cannot change any metric of these runs ({why}): swept at its stored value {stored} "
+            f"only, not at {len(grid[key])} values"
+        )
+    grid = {k: v for k, v in grid.items() if k not in inert}
     points = grid_points(grid)
     configs = [apply_point(base, point) for point in points]
     stored = _stored_rows(run_dir)
@@ -129,10 +142,26 @@ def sweep(
 
     out = Path(out_dir) if out_dir is not None else run_dir / "sweep"
     note = RANDOM_ABLATION_NOTE if base.random_weights else ""
-    result = SweepResult(out, points, rows, check=check)
+    result = SweepResult(out, points, rows, check=check, inert=inert)
     result.files = _write_outputs(result, grid, base, run_dir, best_by, note, plots, log)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def inert_options(grid: Grid, base: CLIPFusionConfig, *, masks: bool) -> dict[str, str]:
+    """The options of ``grid`` that cannot change any metric of runs with (or without) ground-truth masks,
+    each with the reason: sweeping them would write the same row once per value.
+
+    α of Eq. 4 (``alpha_map``) weighs the fused map, which the pixel metrics read (only with masks) and the
+    image score reads only under ``score_mode = "max"`` (Eq. 9 takes the maxima of the component maps)."""
+    inert = {}
+    modes = set(grid.get("score_mode", [base.score_mode]))
+    if "alpha_map" in grid and not masks and "max" not in modes:
+        inert["alpha_map"] = (
+            "no ground-truth masks, so no pixel metrics, and the image score of score_mode terms does not "
+            "read the fused map"
+        )
+    return inert
 
 
 def _stored_rows(run_dir: Path) -> dict[Any, dict[str, Any]] | None:
@@ -275,6 +304,7 @@ def sweep_markdown(
     best_by: str,
     note: str = "",
     check: float | None = None,
+    inert: dict[str, str] | None = None,
 ) -> str:
     keys = list(grid)
     label = dict(zip(METRIC_COLUMNS, SUMMARY_HEADERS, strict=True))
@@ -290,6 +320,8 @@ def sweep_markdown(
         "Cells: mean over categories in percent, ± the std over seeds of the per-seed means; the best value "
         f"of each column in bold, ★ the best point by {label[best_by]}.",
     ]
+    for key, why in (inert or {}).items():
+        lines.append(f"Not swept: {key} cannot change any metric of these runs ({why}).")
     if check is not None:
         verdict = "reproduces" if check <= 1e-6 else "DOES NOT reproduce"
         lines.append(
@@ -369,6 +401,7 @@ def _write_outputs(
         best_by=best_by,
         note=note,
         check=result.check,
+        inert=result.inert,
     )
     atomic_write_text(out / "sweep.md", markdown)
     payload = {

@@ -65,6 +65,7 @@ from clipfusion.data.images import MIN_SIDE
 from clipfusion.detector import CLIPFusion
 from clipfusion.errors import ConfigError, InputError, InputErrors
 from clipfusion.maps import resize_maps
+from clipfusion.provenance import random_weights_banner
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +419,14 @@ class ClipFusion(AnomalibModule):
             )
         else:
             logger.info("ClipFusion: zero-shot for %r", self.object_name)
+        self._say_random_weights()
+
+    def _say_random_weights(self) -> None:
+        """anomalib prints metrics and pictures, none of which can carry a label: with random weights
+        (``tiny``, ``random-full``) say so, as every clipfusion command does before a score or a metric."""
+        banner = random_weights_banner(self.detector.config)
+        if banner:
+            logger.warning("ClipFusion: %s", banner)
 
     def _datamodule(self) -> Any:
         trainer = getattr(self, "_trainer", None)
@@ -502,6 +511,7 @@ class ClipFusion(AnomalibModule):
 
     def on_test_epoch_end(self) -> None:
         self._answers.clear()
+        self._say_random_weights()  # again, right before anomalib prints the test metrics
 
     def on_predict_epoch_end(self) -> None:
         self._answers.clear()

@@ -320,17 +320,29 @@ def _from_hf_hub(
     return None
 
 
-def _reachable(endpoint: str, timeout: float = 5.0) -> bool:
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether ``endpoint`` answers a TCP connection within ``timeout`` seconds *in all*, the name lookup
+    included: a resolver that cannot reach its server blocks ``getaddrinfo`` for half a minute whatever the
+    socket's timeout, so the probe runs in a daemon thread that is simply not waited for."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     parsed = urlparse(endpoint)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+                answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="clipfusion-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
 
 
 def _from_open_clip_cache(

@@ -345,7 +345,13 @@ def resolve_weights_dir(
                 "(owner/name); " + _how_to_provide(DEFAULT_MODEL)
             )
         offline = _offline_default() if local_files_only is None else local_files_only
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
+
+        from clipfusion.models.clip import _reachable
+
+        # the hub client retries for about a minute when the host cannot be reached: ask once, quickly
+        if not offline and not _reachable(constants.ENDPOINT):
+            offline = True
 
         try:
             directory = Path(
@@ -359,7 +365,7 @@ def resolve_weights_dir(
             )
         except Exception as exc:  # the hub client raises many types (HTTP, offline, cache misses, bad ids)
             where = "the Hugging Face cache" + (
-                " (offline: no download attempted)" if offline else " and the hub"
+                " (offline or hub unreachable: no download attempted)" if offline else " and the hub"
             )
             raise WeightsUnavailableError(
                 f"diffusion weights {text!r} (revision {revision}) are not available: tried {where}: "

@@ -325,12 +325,14 @@ def apply_weights_dir(config: CLIPFusionConfig, folder: str | Path | None) -> CL
 
 @dataclass(frozen=True)
 class RequiredFile:
-    """One file a configuration needs, and where it was found (``path`` None: missing)."""
+    """One file a configuration needs, and where it was found (``path`` None: missing; ``from_hub``: it
+    would come from the Hugging Face cache, so a connected machine could download it)."""
 
     component: str
     name: str
     path: Path | None
     looked_in: str
+    from_hub: bool = False
 
 
 def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -> list[RequiredFile]:
@@ -355,7 +357,7 @@ def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -
             repo = clip_hub_repo(clip.model, clip.checkpoint)
             names = (CLIP_PATTERNS[1], "open_clip_pytorch_model.bin")
             hit = next((p for n in names if (p := _cached(repo, n, "main")) is not None), None)
-            found.append(RequiredFile("clip", names[0], hit, f"the Hugging Face cache ({repo})"))
+            found.append(RequiredFile("clip", names[0], hit, f"the Hugging Face cache ({repo})", True))
     if config.use_diffusion and diffusion.weights != "random":
         local = Path(diffusion.model).expanduser()
         if local.is_dir() or _looks_local(diffusion.model):
@@ -369,8 +371,38 @@ def required_files(config: CLIPFusionConfig, folder: str | Path | None = None) -
             where = f"the Hugging Face cache ({diffusion.model}@{diffusion.revision})"
             for name in needed_files():
                 hit = _cached(diffusion.model, name, diffusion.revision)
-                found.append(RequiredFile("diffusion", name, hit, where))
+                found.append(RequiredFile("diffusion", name, hit, where, True))
     return found
+
+
+def check_available(config: CLIPFusionConfig, folder: str | Path | None = None) -> None:
+    """Fail at once, before anything is loaded, when the pretrained weights ``config`` needs are not on this
+    machine and cannot be downloaded: a file missing from a local folder, or missing from the Hugging Face
+    cache while the hub is switched off (``HF_HUB_OFFLINE``) or does not answer within seconds (the hub
+    client itself would retry for half a minute or more before saying so). Random weights need nothing."""
+    from huggingface_hub import constants
+
+    from clipfusion.models.clip import _reachable
+
+    missing = [r for r in required_files(config, folder) if r.path is None]
+    if not missing:
+        return
+    per_place: dict[str, list[str]] = {}
+    for item in missing:
+        per_place.setdefault(f"{item.component} from {item.looked_in}", []).append(item.name)
+    shown = "; ".join(
+        f"{where}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        for where, names in per_place.items()
+    )
+    what = f"the {config.preset} preset's pretrained weights are not on this machine (missing {shown})"
+    if not all(item.from_hub for item in missing):
+        raise WeightsUnavailableError(what)
+    from clipfusion.models.diffusion import _offline_default
+
+    if _offline_default():
+        raise WeightsUnavailableError(f"{what}, and downloads are off (HF_HUB_OFFLINE)")
+    if not _reachable(constants.ENDPOINT):
+        raise WeightsUnavailableError(f"{what}, and {constants.ENDPOINT} cannot be reached from here")
 
 
 def _looks_local(value: str) -> bool:

@@ -13,18 +13,22 @@ overlays, whose shared colour scale is only known once every map exists.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
+import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipfusion.files import atomic_write_text
 from clipfusion.outputs import report
-from clipfusion.outputs.folders import OutputFolder
+from clipfusion.outputs.folders import LOCAL_RECORDS, OutputFolder
 from clipfusion.progress import progress_bar
 from clipfusion.provenance import WEIGHTS_NOTE, weights_kind
 from clipfusion.thresholds import decide, pixel_mask
@@ -36,18 +40,51 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output names per input image: the file stem, made unique (``_2``, ``_3`` …) when inputs share one."""
+def mirrored_stems(sources: Sequence[str]) -> list[str]:
+    """Output names for absolute, normalised input paths: each path relative to the deepest folder that
+    holds them all, without its suffix — ``test/good/000.png`` and ``test/hole/000.png`` become
+    ``good/000`` and ``hole/000``, so an output says which input it shows (inputs of one folder keep their
+    bare stems). Names that would still collide (``x.png`` and ``x.jpg`` in one folder) keep their suffix
+    (``x.png``, ``x.jpg``); only a file given twice gets ``_2``.
+
+    One function for both engines (a Ray run names a million outputs with it): the common folder is that
+    of the smallest and the largest path, the rest is string slicing.
+    """
+    if not sources:
+        return []
+    # character by character on purpose: cut at the last "/" of what every path shares
+    common = os.path.commonprefix([min(sources), max(sources)])  # noqa: RUF071
+    cut = common.rfind("/") + 1
+    rels = [s[cut:] for s in sources]
+    stems = [_without_suffix(r) for r in rels]
+    # a stem shared by different files (x.png, x.jpg) keeps the suffixes; a file given twice does not
+    files_per_stem = Counter(stem for stem, _ in dict.fromkeys(zip(stems, rels, strict=True)))
+    wanted = [rel if files_per_stem[stem] > 1 else stem for rel, stem in zip(rels, stems, strict=True)]
     used: set[str] = set()
-    names = []
-    for path in paths:
-        name, count = path.stem, 1
-        while name in used:
+    # where the search for a free ``name_k`` resumes: names are never freed, so every smaller k is taken
+    resume_at: dict[str, int] = {}
+    out = []
+    for name in wanted:
+        count = resume_at.get(name, 1)
+        chosen = name if count == 1 else f"{name}_{count}"
+        while chosen in used:
             count += 1
-            name = f"{path.stem}_{count}"
-        used.add(name)
-        names.append(name)
-    return names
+            chosen = f"{name}_{count}"
+        used.add(chosen)
+        resume_at[name] = count + 1
+        out.append(chosen)
+    return out
+
+
+def _without_suffix(rel: str) -> str:
+    """``a/b/x.png`` → ``a/b/x`` (as :attr:`pathlib.Path.stem` cuts the last part: ``.x`` keeps its dot)."""
+    dot = rel.rfind(".")
+    return rel[:dot] if dot > rel.rfind("/") + 1 else rel
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Output names per input image (:func:`mirrored_stems` of their absolute paths)."""
+    return mirrored_stems([os.path.abspath(p) for p in paths])
 
 
 @dataclass(frozen=True)
@@ -82,6 +119,56 @@ def write_skipped_csv(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def run_settings(
+    detector: CLIPFusion,
+    threshold: float | None,
+    pixel_threshold: float | None,
+    normalize: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """What decides a prediction run's outputs, as its manifest records it: ``--resume`` continues only a
+    run of the same fit (configuration, object, references), thresholds, normalisation and batch size."""
+    from clipfusion.thresholds import reference_names
+
+    fit = {
+        "config": detector.config.to_dict(),
+        "object": detector.object_name,
+        "references": list(reference_names(detector.references)),
+    }
+    return {
+        "fit": hashlib.sha256(json.dumps(fit, sort_keys=True, default=str).encode()).hexdigest(),
+        "threshold": threshold,
+        "pixel_threshold": pixel_threshold,
+        "normalize": normalize,
+        "batch_size": batch_size,
+    }
+
+
+def read_records(
+    root: Path, wanted: set[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """The scored images of an earlier, interrupted run in ``root``: ``(path, map) → (score, map min, map
+    max)`` for each of ``wanted`` whose record and map file exist (the newest record wins; a last line cut
+    short by the interruption is ignored)."""
+    found: dict[tuple[str, str], tuple[float, float, float]] = {}
+    try:
+        text = (root / LOCAL_RECORDS).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return found
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+            key, value = (
+                (str(r["path"]), str(r["map"])),
+                (float(r["score"]), float(r["min"]), float(r["max"])),
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+        if key in wanted:
+            found[key] = value
+    return {k: v for k, v in found.items() if (root / k[1]).is_file()}
+
+
 def write_predictions(
     detector: CLIPFusion,
     files: Sequence[Path],
@@ -106,6 +193,11 @@ def write_predictions(
     empty folder. ``thresholds``, when given, is written to ``thresholds.json`` beside the scores. The
     report shows the ``report_top`` highest scores (None: every image) and a histogram of all of them.
     ``skipped`` (path, problem) pairs, the inputs left out as unreadable, go to ``skipped.csv``.
+
+    Each batch's scores are appended to a records file as soon as its maps are written, so an interrupted
+    run keeps what it scored: an :class:`OutputFolder` opened with ``resume`` rescores only the batches
+    with an image missing (whole batches, so every image is scored beside the same neighbours as in an
+    uninterrupted run) and then writes the files an uninterrupted run writes.
     """
     from clipfusion.data import load_image
 
@@ -114,8 +206,13 @@ def write_predictions(
     folder = out if isinstance(out, OutputFolder) else OutputFolder(out)
     weights = weights_kind(detector.config)
     names = output_names(files, with_masks=pixel_threshold is not None)
+    batch = batch_size or detector.default_batch_size
     folder.open(
-        planned_files(names, thresholds=thresholds is not None) + (["skipped.csv"] if skipped else []),
+        planned_files(names, thresholds=thresholds is not None)
+        + [LOCAL_RECORDS]
+        + (["skipped.csv"] if skipped else []),
+        run=run_settings(detector, threshold, pixel_threshold, normalize, batch),
+        engine="local",
         command="predict",
         images=len(files),
         weights=weights,
@@ -123,22 +220,40 @@ def write_predictions(
     )
     root = folder.path
     png_text = {"clipfusion-weights": WEIGHTS_NOTE[weights]}
-    rows: list[tuple[str, float, str]] = []
-    vmin, vmax = float("inf"), float("-inf")
-    batch = batch_size or detector.default_batch_size
-    log.info(f"scoring {len(files)} images")
-    bar = progress_bar(len(files), "predict", enabled=progress)
-    for start in range(0, len(files), batch):
-        chunk = list(files[start : start + batch])
-        results = detector.predict(chunk, batch_size=batch)
-        for path, name, result in zip(chunk, names[start : start + batch], results, strict=True):
-            report.save_npy(result.anomaly_map, root / name.map)
-            vmin = min(vmin, float(result.anomaly_map.min()))
-            vmax = max(vmax, float(result.anomaly_map.max()))
-            said = decide(result.score, threshold) if threshold is not None else ""
-            rows.append((str(path), result.score, said))
-        bar.update(len(chunk))
+    keys = [(str(path), name.map) for path, name in zip(files, names, strict=True)]
+    done = read_records(root, set(keys)) if folder.resumed else {}
+    starts = [s for s in range(0, len(files), batch) if any(k not in done for k in keys[s : s + batch])]
+    todo = sum(min(batch, len(files) - s) for s in starts)
+    if folder.resumed:
+        log.info(f"resuming: {len(files) - todo} of {len(files)} images already scored")
+    if todo:
+        log.info(f"scoring {todo} images")
+    bar = progress_bar(todo, "predict", enabled=progress and todo > 0)
+    (root / LOCAL_RECORDS).parent.mkdir(parents=True, exist_ok=True)
+    with (root / LOCAL_RECORDS).open("a", encoding="utf-8") as records:
+        for start in starts:
+            chunk = list(files[start : start + batch])
+            results = detector.predict(chunk, batch_size=batch)
+            lines = []
+            for key, name, result in zip(
+                keys[start : start + batch], names[start : start + batch], results, strict=True
+            ):
+                report.save_npy(result.anomaly_map, root / name.map)
+                done[key] = (result.score, float(result.anomaly_map.min()), float(result.anomaly_map.max()))
+                score, low, high = done[key]
+                record = {"path": key[0], "map": key[1], "score": score, "min": low, "max": high}
+                lines.append(json.dumps(record) + "\n")
+            # after the maps: a record names only files that exist
+            records.write("".join(lines))
+            records.flush()
+            bar.update(len(chunk))
     bar.close()
+    rows: list[tuple[str, float, str]] = []
+    for key in keys:
+        score = done[key][0]
+        rows.append((key[0], score, decide(score, threshold) if threshold is not None else ""))
+    vmin = min((done[k][1] for k in keys), default=0.0)
+    vmax = max((done[k][2] for k in keys), default=0.0)
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -244,7 +359,7 @@ def write_line_predictions(
         outputs[name] = output_names(files[name], with_masks=thresholds is not None)
         per_object = planned_files(outputs[name], thresholds=thresholds is not None)
         left_out = [(path, problem) for path, of, problem in skipped if of == name]
-        per_object += ["manifest.json"] + (["skipped.csv"] if left_out else [])
+        per_object += ["manifest.json", LOCAL_RECORDS] + (["skipped.csv"] if left_out else [])
         planned += [f"{name}/{file}" for file in per_object]
     out.open(planned, command="predict", images=len(routed), objects=names, weights=weights)
     rows: list[tuple[str, str, float, str]] = []

@@ -225,7 +225,10 @@ def score_histogram_svg(
     if threshold is not None and np.isfinite(threshold):
         x = (threshold - lo) / (hi - lo) * width
         bars.append(f"<line class='thr' x1='{x:.1f}' x2='{x:.1f}' y1='{top_pad}' y2='{top_pad + plot_h}'/>")
-        bars.append(f"<text x='{min(x + 3, width - 90):.1f}' y='11'>threshold {threshold:.4f}</text>")
+        # on the side of the line with room for it: right of a line in the left half, left of one in the
+        # right half (a label pushed against the right edge used to run past it)
+        anchor, at = ("start", x + 3) if x <= width / 2 else ("end", x - 3)
+        bars.append(f"<text x='{at:.1f}' y='11' text-anchor='{anchor}'>threshold {threshold:.4f}</text>")
     labels = (
         f"<text x='0' y='{bottom + 12}'>{lo:.4f}</text>"
         f"<text x='{width}' y='{bottom + 12}' text-anchor='end'>{hi:.4f}</text>"

@@ -22,7 +22,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -41,7 +41,7 @@ from clipfusion.errors import ClipfusionError, ConfigError, InputError
 from clipfusion.provenance import WEIGHTS_NOTE, random_weights_banner, weights_kind
 from clipfusion.serve.batching import BatcherClosed
 from clipfusion.serve.pool import FAILED, DetectorPool, Slot
-from clipfusion.thresholds import Decision, Thresholds, decide, pixel_mask, reference_names
+from clipfusion.thresholds import Decision, Thresholds, decide, pixel_mask
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -332,6 +332,8 @@ def describe(slot: Slot) -> dict[str, Any]:
         else {
             "image": thresholds.image,
             "pixel": thresholds.pixel,
+            "origin": thresholds.origin,
+            "set_by_hand": list(thresholds.by_hand),
             "quantile": thresholds.quantile,
             "n_images": thresholds.n_images,
         },
@@ -629,10 +631,11 @@ def create_app(
         },
     )
     async def make_thresholds(name: str, request: Request) -> dict[str, Any]:
-        """The detector's calibrated thresholds with the image and pixel thresholds replaced (what the page
-        exports); a detector fitted without calibration gets a thresholds record with no calibration
-        images (``n_images`` 0). Either way it carries the configuration, object and references that
-        ``predict --thresholds`` checks."""
+        """The detector's thresholds with the image and pixel thresholds replaced (what the page exports):
+        a value that differs from the calibrated one is marked as set by hand, beside the calibrated values
+        it replaced (a detector fitted without calibration: both set by hand, no calibration claimed); the
+        calibrated values themselves give back the calibration. Either way it carries the configuration,
+        object and references that ``predict --thresholds`` checks."""
         slot = ready_slot(name)
         detector = slot.detector
         assert detector is not None
@@ -640,16 +643,9 @@ def create_app(
         if not (math.isfinite(values.image) and math.isfinite(values.pixel)):
             raise ApiError(400, "image and pixel thresholds must be finite numbers")
         if detector.thresholds is not None:
-            thresholds = replace(detector.thresholds, image=values.image, pixel=values.pixel)
+            thresholds = detector.thresholds.with_values(values.image, values.pixel)
         else:
-            thresholds = Thresholds(
-                image=values.image,
-                pixel=values.pixel,
-                n_images=0,
-                object_name=detector.object_name,
-                references=reference_names(detector.references),
-                config=detector.config.to_dict(),
-            )
+            thresholds = Thresholds.hand_set(values.image, values.pixel, detector)
         return thresholds.to_dict()
 
     app.include_router(api)

@@ -100,7 +100,8 @@ function chooseDetector(name, fresh) {
   banner.textContent = d.banner || "";
   const shots = d.shots ? d.shots + "-shot" : "zero-shot";
   const t = d.thresholds
-    ? "calibrated thresholds " + fmt(d.thresholds.image) + " / pixel " + fmt(d.thresholds.pixel)
+    ? (d.thresholds.origin === "set by hand" ? "thresholds " : "calibrated thresholds ") +
+      fmt(d.thresholds.image) + " / pixel " + fmt(d.thresholds.pixel)
     : "no calibrated thresholds";
   $("detector-info").textContent =
     "“" + d.object_name + "”, " + shots + ", " + d.weights + " weights, " + t +
@@ -273,13 +274,22 @@ function updateThresholdControls() {
   const t = state.detector && state.detector.thresholds;
   $("reset-thresholds").disabled = !t;
   $("threshold-origin").textContent = t
-    ? (state.handSet ? "set by hand" : "calibrated (quantile " + t.quantile + ", " + t.n_images + " normal images)")
+    ? (state.handSet ? "set by hand" : origin(t))
     : "set by hand (no calibrated thresholds)";
 }
 
-function onThreshold() {
-  state.imageT = Number($("image-threshold").value);
-  state.pixelT = Number($("pixel-threshold").value);
+function origin(t) {
+  // the detector's own thresholds, as its thresholds.json says they were made
+  if (t.origin === "set by hand") return "saved with the detector, " + t.set_by_hand.join(" and ") + " set by hand";
+  return "calibrated (quantile " + t.quantile + ", " + t.n_images + " normal images)";
+}
+
+function onThreshold(event) {
+  // only the slider that moved: the other keeps its exact value (a slider's own value is rounded to its
+  // step, so reading both would nudge a calibrated threshold the user never touched)
+  const value = Number(event.target.value);
+  if (event.target.id === "image-threshold") state.imageT = value;
+  else state.pixelT = value;
   state.handSet = true;
   $("image-threshold-value").textContent = fmt(state.imageT);
   $("pixel-threshold-value").textContent = fmt(state.pixelT);
