@@ -96,8 +96,12 @@ def test_quick_run_end_to_end(tmp_path):
         "no SDPA",
     ]
     assert variants["no early exit"]["map_max_abs_diff"] == 0.0
+    # the variants run in what `auto` resolves to here: bfloat16 where the CPU measures it faster, whose own
+    # rounding (not the optimisation) sets how far an explicit attention lands from the fused kernel
+    tolerance = 1e-4 if results["ablation"]["dtype"] == "float32" else 1e-2
     for name in ("no channels-last", "out-of-place activations", "no SDPA"):
-        assert variants[name]["map_max_abs_diff"] < 1e-4, name
+        assert variants[name]["map_max_abs_diff"] < tolerance, name
+        assert variants[name]["map_pearson"] >= 0.999, name
 
     memory = {item["name"]: item for item in results["memory"]}
     assert set(memory) == {"float32", "bfloat16", "auto", "auto, before"}
